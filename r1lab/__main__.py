@@ -1,0 +1,3 @@
+from r1lab.cli import main
+
+main()

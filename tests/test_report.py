@@ -1,0 +1,147 @@
+"""Tests of the self-contained HTML run report and the reflection-word counter."""
+
+import json
+import re
+
+import pytest
+
+from r1lab.eval.report import (
+    group_metric_keys,
+    highlight_completion,
+    read_jsonl,
+    reflection_word_frequency,
+    write_report,
+)
+
+MALICIOUS = "<script>alert('pwned')</script>"
+
+
+def write_jsonl(path, records, tail=""):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + tail, encoding="utf-8")
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    metrics = [{"step": s, "reward": 0.1 * s, "reward/accuracy": 0.05 * s, "reward/format": 0.9,
+                "response_length": 50 + 10 * s, "kl": 0.01 * s, "entropy": 1.0 - 0.05 * s, "loss": 0.3,
+                "grad_norm": 1.5, "tokens_per_s": 1234.0, "stage": "grpo"} for s in range(1, 6)]
+    # The last line was cut off mid-write by a crash.
+    write_jsonl(tmp_path / "metrics.jsonl", metrics, tail='{"step": 6, "reward": 0.')
+    samples = [
+        {"step": 1, "prompt": "User: 2+2? Assistant:", "completion": "<think>it is 4</think><answer>4</answer>",
+         "reward": 1.0},
+        {"step": 1, "prompt": "User: 3+3?", "completion": MALICIOUS, "reward": 0.0},
+        {"step": 5, "prompt": "User: 5+5?", "completion": "<think>wait, let me check. 5+5 is 10</think>"
+                                                         "<answer>10</answer>", "reward": 1.0},
+    ]
+    write_jsonl(tmp_path / "samples.jsonl", samples)
+    summary = {"before": {"accuracy": 0.125, "format_rate": 0.5}, "after": {"accuracy": 0.6875, "format_rate": 0.9},
+               "stages": {"cold_start": {"accuracy": 0.25}, "reasoning_rl": {"accuracy": 0.5},
+                          "rejection_sft": {"accuracy": 0.5625}}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    (tmp_path / "eval").mkdir()
+    write_jsonl(tmp_path / "eval" / "math500.jsonl", [
+        {"question": "What is 1/2 + 1/4? <b>bold</b>", "gold": "3/4",
+         "completions": ["<answer>3/4</answer>", "<answer>0.7</answer>"], "correct": [True, False]}])
+    return tmp_path
+
+
+@pytest.fixture
+def report_html(run_dir):
+    path = write_report(run_dir)
+    assert path == run_dir / "report.html"
+    return path.read_text(encoding="utf-8")
+
+
+def test_report_has_inline_reward_curve(report_html):
+    match = re.search(r'<img alt="Reward and accuracy" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', report_html)
+    assert match, "reward curve image missing"
+    assert len(match.group(1)) > 1000  # a real PNG, not an empty placeholder
+    assert report_html.count("data:image/png;base64,") >= 4  # reward, length, losses, throughput, aha
+
+
+def test_report_shows_before_after_with_delta_and_stages_in_order(report_html):
+    assert "0.125" in report_html and "0.6875" in report_html
+    assert "+0.5625" in report_html  # accuracy delta 0.6875 - 0.125
+    positions = [report_html.index(name) for name in ("cold_start", "reasoning_rl", "rejection_sft")]
+    assert positions == sorted(positions)
+
+
+def test_report_escapes_model_output(report_html):
+    assert MALICIOUS not in report_html
+    assert "<script" not in report_html.lower()
+    assert "&lt;script&gt;" in report_html
+    assert "<b>bold</b>" not in report_html  # eval questions are escaped too
+
+
+def test_report_highlights_think_and_answer(report_html):
+    assert '<span class="think">&lt;think&gt;wait, let me check.' in report_html
+    assert '<span class="answer">&lt;answer&gt;10&lt;/answer&gt;</span>' in report_html
+
+
+def test_report_has_no_external_resources(report_html):
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", report_html, re.IGNORECASE)
+    assert "@import" not in report_html and "url(" not in report_html
+
+
+def test_report_tolerates_truncated_last_line(report_html):
+    assert "<!-- warning: metrics.jsonl line 6 is not valid JSON" in report_html
+
+
+def test_report_lists_eval_items(report_html):
+    assert "math500.jsonl" in report_html and "1/2" in report_html and ">3/4<" in report_html
+
+
+def test_report_on_empty_dir_still_writes(tmp_path):
+    html_text = write_report(tmp_path).read_text(encoding="utf-8")
+    assert "No run files found" in html_text and "<img" not in html_text
+
+
+def test_read_jsonl_skips_bad_lines(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": 1}\n\n[1, 2]\n{"a": 2}\n{"a"', encoding="utf-8")
+    records, warnings = read_jsonl(path)
+    assert records == [{"a": 1}, {"a": 2}]
+    assert len(warnings) == 2 and "line 3" in warnings[0] and "line 5" in warnings[1]
+
+
+def test_reflection_word_frequency_hand_counted():
+    # 20 words; reflection words: Wait, check, but, wait, re-evaluate -> 5 ("checking", "rechecked" don't count)
+    text = ("Wait, I should check this but checking takes time. Hmm wait: re-evaluate the sum "
+            "rechecked twice, so it is twelve")
+    frequency = reflection_word_frequency([text])
+    assert frequency["wait"] == pytest.approx(2 * 1000 / 20)
+    assert frequency["check"] == pytest.approx(1000 / 20)
+    assert frequency["re-evaluate"] == pytest.approx(1000 / 20)
+    assert frequency["recheck"] == 0.0
+    assert frequency["total"] == pytest.approx(5 * 1000 / 20)
+
+
+def test_reflection_word_frequency_counts_chinese_and_pools_texts():
+    # "等等我要验证" = 6 CJK characters (words) with 2 reflection terms; "but ok" = 2 words, 1 reflection
+    frequency = reflection_word_frequency(["等等我要验证", "but ok"])
+    assert frequency["等等"] == pytest.approx(1000 / 8)
+    assert frequency["验证"] == pytest.approx(1000 / 8)
+    assert frequency["but"] == pytest.approx(1000 / 8)
+    assert frequency["total"] == pytest.approx(3000 / 8)
+    assert reflection_word_frequency([])["total"] == 0.0
+
+
+def test_reflection_word_frequency_ignores_think_and_answer_tags():
+    # words: "wait", "4" -> 2; the tag names would make it 6 words if they were counted
+    assert reflection_word_frequency(["<think>wait</think><answer>4</answer>"])["wait"] == pytest.approx(500.0)
+
+
+def test_highlight_completion_handles_open_think_and_truncation():
+    # R1 prompts end in "<think>\n", so the completion starts inside the think block.
+    out = highlight_completion("x < y</think><answer>y")
+    assert out == ('<span class="think">x &lt; y&lt;/think&gt;</span>'
+                   '<span class="answer">&lt;answer&gt;y</span>')
+
+
+def test_group_metric_keys():
+    groups = {title: keys for title, keys, _ in group_metric_keys(
+        ["reward", "accuracy", "response_length_max", "kl", "tokens_per_s", "mystery"])}
+    assert groups == {"Reward and accuracy": ["reward", "accuracy"], "Response length": ["response_length_max"],
+                      "Loss, KL, entropy and optimizer": ["kl"], "Throughput": ["tokens_per_s"],
+                      "Other": ["mystery"]}
