@@ -51,7 +51,9 @@ _TEMPLATE_TAIL = R1_ZERO_TEMPLATE.split("{question}")[1]
 CHAIN_SUM_PREFIX = "State the final answer to the following arithmetic problem: "
 # reasoning-gym writes operands with str(int) (negative operands as "-8", e.g. "90 + -8 - 77") and
 # joins terms and operators with single spaces; gold answers are str(int), e.g. "-4".
-CHAIN_SUM_QUESTION_RE = re.compile(r"^State the final answer to the following arithmetic problem: (-?\d+(?: [+-] -?\d+)*) =$")
+CHAIN_SUM_QUESTION_RE = re.compile(
+    r"^State the final answer to the following arithmetic problem: (-?\d+(?: [+-] -?\d+)*) =$"
+)
 
 # A chain of +/- terms, or several such chains joined by " = ". Used to find and check every equation
 # a document writes (Chinese 加/减/等于 are mapped to symbols first).
@@ -144,8 +146,8 @@ class CorpusConfig:
 
     Why the defaults give a base pass@1 of roughly 10-25% on chain_sum (3-4 terms, 1-2 digits) under
     the R1-Zero template: 90% of documents use the template, so a model imitating the corpus answers
-    carefully in p_careful / 0.9 ≈ 28% of samples at T=1.0 (somewhat fewer at T=0.6, which sharpens
-    the first tokens toward the majority lazy style). A careful answer is right when every step is;
+    carefully in p_careful / 0.9 ≈ 28% of samples at T=1.0, and in ≈ 20% at T=0.6 (estimated by
+    sharpening the corpus's distribution of first words after "<think>", where lazy styles dominate). A careful answer is right when every step is;
     a tiny model doing 2-3 one- or two-digit steps at ~85-90% each lands ~65-75%, i.e. ~15-20 points.
     Lazy answers (61%) must compute the whole chain in one shot and are only right lazy_correct_prob of
     the time in the data, so they add a few points at most; broken-format answers add ~nothing. After
@@ -192,15 +194,22 @@ class CorpusConfig:
     def validate(self) -> None:
         """Raise ValueError naming the field when the knobs are inconsistent."""
         if self.min_terms < 2 or self.max_terms < self.min_terms:
-            raise ValueError(f"CorpusConfig: need 2 <= min_terms <= max_terms, got {self.min_terms}, {self.max_terms}")
+            raise ValueError(
+                f"CorpusConfig: need 2 <= min_terms <= max_terms, got {self.min_terms}, {self.max_terms}"
+            )
         if self.min_digits < 1 or self.max_digits < self.min_digits:
-            raise ValueError(f"CorpusConfig: need 1 <= min_digits <= max_digits, got {self.min_digits}, {self.max_digits}")
+            raise ValueError(
+                f"CorpusConfig: need 1 <= min_digits <= max_digits, got {self.min_digits}, {self.max_digits}"
+            )
         for f in fields(self):
-            if (f.name.startswith("p_") or f.name.endswith("_prob")) and not 0.0 <= getattr(self, f.name) <= 1.0:
-                raise ValueError(f"CorpusConfig.{f.name} must lie in [0, 1], got {getattr(self, f.name)}")
+            value = getattr(self, f.name)
+            if (f.name.startswith("p_") or f.name.endswith("_prob")) and not 0.0 <= value <= 1.0:
+                raise ValueError(f"CorpusConfig.{f.name} must lie in [0, 1], got {value}")
         total = self.p_careful + self.p_lazy + self.p_bad_format + self.p_plain
         if abs(total - 1.0) > 1e-6:
-            raise ValueError(f"CorpusConfig: p_careful + p_lazy + p_bad_format + p_plain must be 1, got {total}")
+            raise ValueError(
+                f"CorpusConfig: p_careful + p_lazy + p_bad_format + p_plain must be 1, got {total}"
+            )
         if self.p_chinese_mix + self.p_chinese_full > 1.0 + 1e-9:
             raise ValueError("CorpusConfig: p_chinese_mix + p_chinese_full must not exceed 1")
 
@@ -235,7 +244,9 @@ def _check_sentence(problem: ChainProblem) -> str:
     return f"Check: {' '.join(parts)} = {problem.terms[0]}. Correct."
 
 
-_EN_OPENINGS = ("", "Let me add step by step.", "Work from left to right.", "Start with {first}.", "One step at a time.")
+_EN_OPENINGS = (
+    "", "Let me add step by step.", "Work from left to right.", "Start with {first}.", "One step at a time."
+)
 _EN_CLOSINGS = ("", "So the answer is {answer}.", "The result is {answer}.", "Final result: {answer}.")
 _ZH_OPENINGS = ("我们一步一步算。", "从左到右计算。", "逐步计算。")
 _ZH_CLOSINGS = ("所以答案是 {answer}。", "答案是 {answer}。")
@@ -266,7 +277,8 @@ def _zh_step(x: int, op: str, y: int, z: int) -> str:
     return f"{x} {'加' if op == '+' else '减'} {y} 等于 {z}。"
 
 
-def _chinese_full_think(rng: random.Random, problem: ChainProblem) -> str:
+def _chinese_full_think(rng: random.Random, problem: ChainProblem, cfg: CorpusConfig) -> str:
+    """Chinese from the first word to the conclusion (`cfg` unused: same signature as the others)."""
     parts = [rng.choice(_ZH_OPENINGS)]
     for i, step in enumerate(_steps(problem)):
         parts.append(("然后 " if i and rng.random() < 0.5 else "") + _zh_step(*step))
@@ -274,9 +286,10 @@ def _chinese_full_think(rng: random.Random, problem: ChainProblem) -> str:
     return " ".join(parts)
 
 
-def _chinese_mix_think(rng: random.Random, problem: ChainProblem) -> str:
+def _chinese_mix_think(rng: random.Random, problem: ChainProblem, cfg: CorpusConfig) -> str:
     """English for the first k >= 1 steps, then Chinese: the mid-reasoning language switch R1 reports.
-    With one step only the conclusion switches; otherwise at least the last step is in Chinese."""
+    With one step only the conclusion switches; otherwise at least the last step is in Chinese.
+    (`cfg` unused: same signature as the other careful writers.)"""
     steps = _steps(problem)
     switch = rng.randint(1, max(1, len(steps) - 1))
     parts = [rng.choice(_EN_OPENINGS).format(first=problem.terms[0])]
@@ -286,7 +299,11 @@ def _chinese_mix_think(rng: random.Random, problem: ChainProblem) -> str:
     return " ".join(p for p in parts if p)
 
 
-_LAZY_THINKS = ("", "", "This is easy.", "Easy.", "I know this one.", "The answer is clear.", "Quick guess.", "The answer is {guess}.")
+# An empty think twice as often as each phrase: the laziest habit is also the most common one.
+_LAZY_THINKS = (
+    "", "", "This is easy.", "Easy.", "I know this one.", "The answer is clear.", "Quick guess.",
+    "The answer is {guess}.",
+)
 
 
 def _wrong_answer(rng: random.Random, problem: ChainProblem) -> int:
@@ -329,7 +346,7 @@ def _bad_format_completion(rng: random.Random, problem: ChainProblem, cfg: Corpu
         f"{think} <answer> {answer}",  # missing </answer>
         f"{think} The answer is {answer}.",  # answer outside the tags
         f"{think} {answer}",
-        f"{think} {think} {_answer_block(answer)}",  # repeated tags
+        f"{think} <think> </think> {_answer_block(answer)}",  # repeated tags
         f"{think} {_answer_block(answer)} {_answer_block(answer)}",
         _answer_block(answer),  # no reasoning block at all
         f"{body} {_answer_block(answer)}".strip(),  # reasoning without tags
@@ -339,10 +356,13 @@ def _bad_format_completion(rng: random.Random, problem: ChainProblem, cfg: Corpu
 
 
 # ------------------------------------------------------------------------------- plain documents
+def _draw(rng: random.Random, cfg: CorpusConfig) -> ChainProblem:
+    return sample_problem(rng, cfg.min_terms, cfg.max_terms, cfg.min_digits, cfg.max_digits, cfg.allow_negation)
+
+
 def _random_step(rng: random.Random, cfg: CorpusConfig) -> tuple[int, str, int, int]:
     """One (x, op, y, z) step as it would appear inside a careful solution of a corpus problem."""
-    problem = sample_problem(rng, cfg.min_terms, cfg.max_terms, cfg.min_digits, cfg.max_digits, cfg.allow_negation)
-    return rng.choice(_steps(problem))
+    return rng.choice(_steps(_draw(rng, cfg)))
 
 
 def _plain_document(rng: random.Random, cfg: CorpusConfig) -> str:
@@ -363,18 +383,24 @@ def _plain_document(rng: random.Random, cfg: CorpusConfig) -> str:
         else:
             text = rng.choice((f"{x} minus {y} equals {z}.", f"Taking {y} away from {x} leaves {z}."))
     else:  # a worked chain in prose
-        problem = sample_problem(rng, cfg.min_terms, cfg.max_terms, cfg.min_digits, cfg.max_digits, cfg.allow_negation)
+        problem = _draw(rng, cfg)
         steps = _steps(problem)
         if chinese:
-            text = f"计算 {problem.expression}：" + " ".join(_zh_step(*s) for s in steps) + f" 结果是 {problem.answer}。"
+            worked = " ".join(_zh_step(*s) for s in steps)
+            text = f"计算 {problem.expression}：{worked} 结果是 {problem.answer}。"
         else:
-            words = [f"{'add' if op == '+' else 'subtract'} {y} to get {z}" for _, op, y, z in steps]
-            text = f"To work out {problem.expression}, start from {problem.terms[0]}, " + ", then ".join(words) + "."
+            words = ", then ".join(f"{'add' if op == '+' else 'subtract'} {y} to get {z}" for _, op, y, z in steps)
+            text = f"To work out {problem.expression}, start from {problem.terms[0]}, {words}."
     return text + EOS_TOKEN
 
 
 # -------------------------------------------------------------------------------- generation
-_KINDS = ("careful", "careful_zh_mix", "careful_zh_full", "lazy", "bad_format", "plain")
+KINDS = ("careful", "careful_zh_mix", "careful_zh_full", "lazy", "bad_format", "plain")
+_CAREFUL_WRITERS = {
+    "careful": _english_careful_think,
+    "careful_zh_mix": _chinese_mix_think,
+    "careful_zh_full": _chinese_full_think,
+}
 
 
 def _allocate(shares: dict[str, float], n: int) -> list[str]:
@@ -389,7 +415,7 @@ def _allocate(shares: dict[str, float], n: int) -> list[str]:
 
 def _fresh_problem(rng: random.Random, cfg: CorpusConfig, exclude: frozenset[str]) -> ChainProblem:
     for _ in range(1000):
-        problem = sample_problem(rng, cfg.min_terms, cfg.max_terms, cfg.min_digits, cfg.max_digits, cfg.allow_negation)
+        problem = _draw(rng, cfg)
         if problem.question not in exclude:
             return problem
     raise ValueError("could not draw a problem outside `exclude` in 1000 tries: the range is too small")
@@ -424,12 +450,9 @@ def generate_corpus(
             docs.append(_plain_document(rng, cfg))
             continue
         problem = _fresh_problem(rng, cfg, excluded)
-        if kind == "careful":
-            completion = f"{_think_block(_english_careful_think(rng, problem, cfg))} {_answer_block(problem.answer)}"
-        elif kind == "careful_zh_mix":
-            completion = f"{_think_block(_chinese_mix_think(rng, problem))} {_answer_block(problem.answer)}"
-        elif kind == "careful_zh_full":
-            completion = f"{_think_block(_chinese_full_think(rng, problem))} {_answer_block(problem.answer)}"
+        if kind in _CAREFUL_WRITERS:
+            think = _CAREFUL_WRITERS[kind](rng, problem, cfg)
+            completion = f"{_think_block(think)} {_answer_block(problem.answer)}"
         elif kind == "lazy":
             guess = _lazy_guess(rng, problem, cfg)
             completion = f"{_think_block(_lazy_think(rng, guess))} {_answer_block(guess)}"
@@ -440,17 +463,18 @@ def generate_corpus(
 
 
 def _cold_start_think(rng: random.Random, problem: ChainProblem) -> str:
-    """Readable long CoT: name each operation, split two-digit operands, verify, conclude."""
-    sentences = [rng.choice(("Let me solve this step by step.", "I will go from left to right.", "Let me work through the terms one at a time.")),
-                 f"Start with {problem.terms[0]}."]
+    """Readable long CoT: name each operation, split a two-digit operand into tens and ones when the
+    ones cross a multiple of ten (a carry or borrow, where mistakes happen), verify, conclude."""
+    opening = rng.choice(("Let me solve this step by step.", "I will go from left to right.", "Term by term."))
+    sentences = [opening, f"Start with {problem.terms[0]}."]
     for x, op, y, z in _steps(problem):
         verb = "Add" if op == "+" else "Subtract"
         delta = y if op == "+" else -y
         tens, ones = divmod(abs(delta), 10)
-        if tens and ones:
+        middle = x + (tens * 10 if delta >= 0 else -tens * 10)
+        if tens and ones and middle // 10 != z // 10:
             sign = "+" if delta >= 0 else "-"
-            middle = x + (tens * 10 if delta >= 0 else -tens * 10)
-            sentences.append(f"{verb} {y}: {x} {sign} {tens * 10} = {middle}, and {middle} {sign} {ones} = {z}.")
+            sentences.append(f"{verb} {y}: {x} {sign} {tens * 10} = {middle}, then {middle} {sign} {ones} = {z}.")
         else:
             sentences.append(f"{verb} {y}: {x} {op} {y} = {z}.")
     sentences.append(_check_sentence(problem))
@@ -473,7 +497,9 @@ def generate_cold_start(
     `prompt + " " + completion` followed by EOS (see `make_document`). The completion is exactly one
     `<think>...</think>` then one `<answer>...</answer>`, always correct.
     """
-    cfg = CorpusConfig(min_terms=min_terms, max_terms=max_terms, min_digits=min_digits, max_digits=max_digits)
+    cfg = CorpusConfig(
+        min_terms=min_terms, max_terms=max_terms, min_digits=min_digits, max_digits=max_digits
+    )
     cfg.validate()
     excluded = frozenset(exclude)
     rng = random.Random(f"r1lab.cold_start:{seed}")
@@ -481,12 +507,20 @@ def generate_cold_start(
     for _ in range(n):
         problem = _fresh_problem(rng, cfg, excluded)
         completion = f"{_think_block(_cold_start_think(rng, problem))} {_answer_block(problem.answer)}"
-        items.append({"prompt": r1_zero_prompt(problem.question), "completion": completion,
-                      "question": problem.question, "answer": str(problem.answer)})
+        items.append(
+            {
+                "prompt": r1_zero_prompt(problem.question),
+                "completion": completion,
+                "question": problem.question,
+                "answer": str(problem.answer),
+            }
+        )
     return items
 
 
-def pretrain_texts(cfg: CorpusConfig | None = None, n_docs: int = 4000, seed: int = 0, n_cold_start: int = 200) -> list[str]:
+def pretrain_texts(
+    cfg: CorpusConfig | None = None, n_docs: int = 4000, seed: int = 0, n_cold_start: int = 200
+) -> list[str]:
     """Texts to train the tokenizer on: a corpus sample plus cold-start documents, so every phrase
     any later stage writes (both languages, all templates) is covered."""
     docs = generate_corpus(cfg, n_docs=n_docs, seed=seed)
@@ -573,6 +607,10 @@ def classify_document(doc: str) -> str:
     return "careful_zh_mix" if "=" in think else "careful_zh_full"
 
 
+def _shows_split(think: str) -> bool:
+    return any(equation.count("=") > 1 for equation, _, _ in find_equations(think))
+
+
 def _has_splittable_operand(question: str) -> bool:
     return any(abs(t) >= 10 and t % 10 for t in ChainProblem.from_question(question).terms[1:])
 
@@ -611,7 +649,7 @@ def corpus_stats(docs: Sequence[str]) -> dict[str, float]:
         "plain": share(count["plain"], n),
         "chinese_mix": share(count["careful_zh_mix"], careful),
         "chinese_full": share(count["careful_zh_full"], careful),
-        "detailed": share(sum(any(eq.count("=") > 1 for eq, _, _ in find_equations(t)) for t in splittable), len(splittable)),
+        "detailed": share(sum(_shows_split(t) for t in splittable), len(splittable)),
         "check": share(sum("Check:" in t for t in english_thinks), len(english_thinks)),
         "self_correct": share(sum("Wait" in t for t in english_thinks), len(english_thinks)),
         "lazy_correct": share(lazy_right, count["lazy"]),

@@ -128,9 +128,13 @@ def test_careful_reasoning_is_correct(docs: list[str], kinds: list[str]) -> None
         for equation, holds, retracted in equations:
             # the only false statements allowed are slips immediately taken back with "Wait"
             assert holds or retracted, (equation, doc)
-        # the last value written down in the reasoning is the answer
-        last_true = [eq for eq, holds, _ in equations if holds and "Check" not in eq]
-        assert last_true and int(last_true[-1].split(" = ")[-1]) in {gold, ChainProblem.from_question(question).terms[0]}
+        for i, (equation, holds, retracted) in enumerate(equations):
+            if retracted:  # the slip is followed by the same step done right
+                left = equation.split(" = ")[0]
+                assert not holds and equations[i + 1][0].startswith(left + " = ") and equations[i + 1][1]
+        # the last value worked out before any check step is the answer
+        worked = [eq for eq, _, retracted in find_equations(think_text(completion).split("Check:")[0]) if not retracted]
+        assert int(worked[-1].split(" = ")[-1]) == gold
 
 
 def test_chinese_only_inside_think(docs: list[str], kinds: list[str]) -> None:

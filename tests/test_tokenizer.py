@@ -213,3 +213,15 @@ def test_chat_template_jinja_file_is_read(tok: Tokenizer, tmp_path) -> None:
     loaded = load_tokenizer(tmp_path)
     assert loaded.eos_token == "<|endoftext|>"  # no config: falls back to the known EOS token
     assert loaded.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user] hi\n"
+
+
+def test_bos_and_batch_encoding(tok: Tokenizer) -> None:
+    with_bos = Tokenizer(tok.backend, eos_token="<|endoftext|>", bos_token="<|im_start|>")
+    text = "12 + 7 = 19"
+    assert with_bos.encode(text, add_bos=True) == [with_bos.bos_id, *tok.encode(text)]
+    assert tok.encode(text, add_bos=True) == tok.encode(text)  # no BOS token: nothing to add
+    assert with_bos.encode_batch([text, "x"], add_bos=True) == [with_bos.encode(t, add_bos=True) for t in (text, "x")]
+    with pytest.raises(KeyError):
+        tok.token_id("<not-a-token>")
+    with pytest.raises(ValueError, match="bos_token"):
+        Tokenizer(tok.backend, bos_token="<not-a-token>")

@@ -9,6 +9,7 @@ Known sources (OFFLINE-ASSETS.md): `smollm2` = SmolLM2-135M-Instruct in the PyPI
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -55,6 +56,7 @@ def locate_gguf(source: str, workdir: Path) -> Path:
 def import_gguf(source: str, out_dir: str | Path, dtype: str = "bfloat16") -> Path:
     """De-quantize `source` into an HF folder at out_dir (config.json, model.safetensors, tokenizer files)."""
     import torch
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import hf_io
@@ -64,12 +66,16 @@ def import_gguf(source: str, out_dir: str | Path, dtype: str = "bfloat16") -> Pa
         gguf = locate_gguf(source, Path(tmp))
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        config = hf_model.config
-        if hasattr(config, "quantization_config"):
-            delattr(config, "quantization_config")  # the weights are de-quantized floats now
+        # transformers refuses to save a GGUF-flagged model; its weights are plain floats by now, so write
+        # the de-quantized state and config ourselves and read them back through r1lab's own loader.
+        config = hf_model.config.to_dict()
+        config.pop("quantization_config", None)
         staging = Path(tmp) / "hf"
-        hf_model.save_pretrained(staging)
-        del hf_model
+        staging.mkdir()
+        (staging / "config.json").write_text(json.dumps(config))
+        state = {k: v.detach().contiguous().clone() for k, v in hf_model.state_dict().items()}
+        save_file(state, str(staging / "model.safetensors"))
+        del hf_model, state
         model = hf_io.load(staging, dtype=getattr(torch, dtype))
         hf_io.save(model, out_dir)
         tokenizer.save_pretrained(out_dir)
