@@ -41,6 +41,32 @@ def import_gguf(
     typer.echo(f"wrote {path}")
 
 
+def _timestamped_run_dir(kind: str) -> Path:
+    import time
+
+    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def pretrain(
+    ctx: typer.Context,
+    recipe: Optional[Path] = typer.Option(None, help="YAML recipe (e.g. recipes/pretrain-tiny.yaml)."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/pretrain-<time>)."),
+):
+    """Pretrain a base model on the procedural bilingual corpus (r1lab's analog of DeepSeek-V3-Base).
+
+    Extra arguments are dotted overrides, e.g. `device=cuda steps=3000 corpus.p_careful=0.3`."""
+    from r1lab.config import load_config, to_dict
+    from r1lab.train.pretrain import PretrainConfig, pretrain as run
+    from r1lab.train.run_dir import RunDir
+
+    cfg = load_config(PretrainConfig, recipe, ctx.args)
+    run_dir = RunDir(out or _timestamped_run_dir("pretrain"))
+    run_dir.write_config(to_dict(cfg))
+    path = run(cfg, run_dir)
+    typer.echo(f"wrote {path}")
+
+
 def main() -> None:
     app()
 

@@ -17,6 +17,14 @@ PRESETS: dict[str, dict] = {
         n_group=2, topk_group=1, routed_scaling_factor=2.5, first_k_dense_replace=1, num_nextn_predict_layers=1,
         max_position_embeddings=512,
     ),
+    # The embedded default base model (DeepSeek-V3 architecture at tiny scale; vocab set by its tokenizer).
+    "r1-tiny": dict(
+        model_type="deepseek_v3", vocab_size=640, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+        num_attention_heads=4, q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=128,
+        n_group=1, topk_group=1, routed_scaling_factor=1.0, first_k_dense_replace=1, num_nextn_predict_layers=1,
+        max_position_embeddings=512,
+    ),
     # Benchmark shapes (Qwen2.5 tables in the technical reference).
     "qwen2.5-0.5b": dict(
         model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,

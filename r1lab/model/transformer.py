@@ -165,7 +165,7 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ MoE utilities
     def moe_layers(self) -> list[MoE]:
-        return [m for m in self.model.layers.modules() if isinstance(m, MoE)]
+        return [m for m in self.modules() if isinstance(m, MoE)]
 
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the sequence-wise balance losses of the last training forward (None if disabled)."""

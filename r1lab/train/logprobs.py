@@ -1,0 +1,107 @@
+"""Per-token log-probabilities (and entropies) of given targets without materializing [B, T, V] logits.
+
+For a 152k vocabulary, fp32 logits of 8 × 4096 tokens are 20 GB, and autograd would keep them (plus the
+softmax) for the backward. Here the trunk runs once, then the head runs over chunks of `chunk_size`
+tokens; each chunk goes through `torch.utils.checkpoint`, so autograd stores only the chunk's hidden
+states and recomputes its logits during the backward. Peak extra memory: one chunk of logits, forward
+or backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy [...] (fp32) of the softmax over the last dim of logits [..., V]: logsumexp(z) - Σ p·z."""
+    z = logits.float()
+    logz = torch.logsumexp(z, dim=-1)
+    return logz - (torch.softmax(z, dim=-1) * z).sum(-1)
+
+
+def _head_chunk(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
+    """hidden [c, d] pre-norm, targets [c] (negative = ignore) → logp [c] fp32 (and entropy [c])."""
+    z = model.logits(hidden).float()
+    if temperature != 1.0:
+        z = z / temperature
+    logz = torch.logsumexp(z, dim=-1)
+    logp = z.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1) - logz
+    logp = torch.where(targets >= 0, logp, torch.zeros_like(logp))
+    if not with_entropy:
+        return logp
+    return logp, logz - (torch.softmax(z, dim=-1) * z).sum(-1)
+
+
+def logprobs_from_hidden(
+    model,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    mask: torch.Tensor | None = None,
+):
+    """hidden [B, T, d] (pre-norm, from `model.forward_hidden`), targets [B, T] → logp [B, T] fp32.
+
+    logp[b, t] = log softmax(lm_head(norm(hidden[b, t])) / temperature)[targets[b, t]]; targets < 0 give
+    0 (use them for positions without a next token). With with_entropy=True also returns the entropy
+    [B, T] of the same distribution (differentiable, e.g. for an entropy bonus).
+    mask [B, T] (optional): compute the head only where True (e.g. the loss mask, skipping prompt tokens,
+    often a third of the head's work in RL); other positions return 0.
+    """
+    B, T, d = hidden.shape
+    if targets.shape != (B, T):
+        raise ValueError(f"targets {tuple(targets.shape)} must match hidden's first two dims {(B, T)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    flat_h, flat_t = hidden.reshape(B * T, d), targets.reshape(B * T)
+    rows = None
+    if mask is not None:
+        rows = mask.reshape(B * T).nonzero().squeeze(1)
+        flat_h, flat_t = flat_h.index_select(0, rows), flat_t.index_select(0, rows)
+    head_params = [*model.lm_head.parameters(), *model.model.norm.parameters()]
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head_params))
+    n = flat_t.numel()
+    outs = []
+    for start in range(0, n, chunk_size):
+        end = start + chunk_size
+        args = (model, flat_h[start:end], flat_t[start:end], temperature, with_entropy)
+        # Checkpointing keeps the chunk's [c, V] logits out of the autograd graph; the backward recomputes
+        # them chunk by chunk. No-grad calls (old/ref log-probs) skip the wrapper.
+        outs.append(checkpoint(_head_chunk, *args, use_reentrant=False) if grad else _head_chunk(*args))
+    outs = [(o,) if not with_entropy else o for o in outs]
+    results = []
+    for k in range(2 if with_entropy else 1):
+        vals = torch.cat([o[k] for o in outs]) if outs else hidden.new_zeros(0, dtype=torch.float32)
+        if rows is not None:  # back to every position; index_copy is differentiable w.r.t. vals
+            vals = vals.new_zeros(B * T).index_copy(0, rows, vals)
+        results.append(vals.view(B, T))
+    return tuple(results) if with_entropy else results[0]
+
+
+def token_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    targets: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    *,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    mask: torch.Tensor | None = None,
+):
+    """input_ids [B, T], targets [B, T] → logp [B, T] fp32 (and entropy [B, T] if with_entropy).
+
+    Usually targets[:, t] = input_ids[:, t + 1] (see batching.PackedBatch.targets). positions / doc_ids
+    are passed to the model for packed rows (block-causal attention, positions restarting per document).
+    temperature divides the logits, so the result is the log-prob under the distribution the rollout
+    sampled from; use the same temperature for old, reference and current log-probs.
+    mask [B, T]: compute only these positions (see logprobs_from_hidden).
+    """
+    hidden = model.forward_hidden(input_ids, positions, doc_ids=doc_ids)
+    return logprobs_from_hidden(
+        model, hidden, targets, chunk_size=chunk_size, temperature=temperature, with_entropy=with_entropy, mask=mask
+    )
