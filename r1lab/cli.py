@@ -67,6 +67,104 @@ def pretrain(
     typer.echo(f"wrote {path}")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def zero(
+    ctx: typer.Context,
+    model: Optional[str] = typer.Option(None, help="Base model HF folder (default: the embedded r1-tiny)."),
+    task: Optional[str] = typer.Option(None, help="Task spec (default chain_sum): a reasoning-gym name, jsonl:PATH, ..."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda."),
+    recipe: Optional[Path] = typer.Option(None, help="YAML recipe (e.g. recipes/zero-gpu.yaml)."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/zero-<time>)."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+):
+    """R1-Zero: GRPO with rule rewards from a base model; prints a before/after table on held-out problems.
+
+    Extra arguments are dotted overrides, e.g. `grpo.steps=100 grpo.objective.beta=0.001 eval.k=16`."""
+    from r1lab.config import load_config, to_dict
+    from r1lab.pipeline.zero import ZeroConfig, default_run_dir, print_table, run_zero
+    from r1lab.train.run_dir import RunDir
+
+    overrides = list(ctx.args)
+    overrides += [f"model={model}"] if model else []
+    overrides += [f"grpo.task.name={task}"] if task else []
+    overrides += [f"grpo.device={device}"] if device else []
+    cfg = load_config(ZeroConfig, recipe, overrides)
+    if resume and out is None:
+        raise typer.BadParameter("--resume needs --out DIR of the run to continue")
+    run_dir = RunDir(out or default_run_dir())
+    run_dir.write_config(to_dict(cfg))
+    summary = run_zero(cfg, run_dir, resume=resume)
+    print_table(summary)
+    typer.echo(f"run directory: {run_dir.path} (summary.json, metrics.jsonl, report.html, model/)")
+
+
+@app.command("eval")
+def eval_(
+    model: Optional[str] = typer.Argument(None, help="HF model folder with tokenizer (default: the embedded r1-tiny)."),
+    bench: list[str] = typer.Option(
+        ..., "--bench", "-b",
+        help="Benchmark TASK[@SIZE][,key=value...], repeatable: a reasoning-gym name (held-out split, e.g. "
+             "chain_sum@200), jsonl:PATH[,question_field=..,answer_field=..], humaneval, champ."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/eval-<time>)."),
+    k: int = typer.Option(4, help="Samples per question (pass@1 is their mean; R1 uses 4-64)."),
+    temperature: float = typer.Option(0.6, help="R1 protocol: 0.6."),
+    top_p: float = typer.Option(0.95, help="R1 protocol: 0.95."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Default: what the context leaves, at most 32768."),
+    template: str = typer.Option("r1_zero", help="Prompt: r1_zero, chat, plain or a string with {question}."),
+    force_think: bool = typer.Option(False, help="End prompts with an open <think> (for released R1 models)."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("auto", help="auto (checkpoint dtype on CPU, bfloat16 on CUDA), float32, bfloat16."),
+):
+    """Evaluate a model with the R1 protocol: pass@1 over k samples, pass@k, cons@k, length, format rate."""
+    from r1lab.eval.runner import evaluate_benchmarks
+
+    run_dir = out or _timestamped_run_dir("eval")
+    evaluate_benchmarks(model, bench, run_dir, template=template, k=k, temperature=temperature, top_p=top_p,
+                        max_new_tokens=max_new_tokens, seed=seed, force_think=force_think, device=device,
+                        dtype=dtype)
+    typer.echo(f"wrote {run_dir}/summary.json, {run_dir}/eval/ and {run_dir}/report.html")
+
+
+@app.command()
+def chat(
+    model: Optional[str] = typer.Argument(None, help="HF model folder with tokenizer (default: the embedded r1-tiny)."),
+    temperature: float = typer.Option(0.6, help="DeepSeek's recommendation for R1: 0.6."),
+    top_p: float = typer.Option(0.95),
+    max_new_tokens: int = typer.Option(1024),
+    template: str = typer.Option("auto", help="auto, chat (the tokenizer's template) or r1_zero."),
+    hide_thinking: bool = typer.Option(False, help="Do not print the <think> part."),
+    seed: Optional[int] = typer.Option(None),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("auto"),
+):
+    """Chat in the terminal: the thinking streams dimmed, then the answer. /reset forgets, /exit leaves."""
+    from r1lab.serve.chat import run_chat
+
+    run_chat(model, device=device, dtype=dtype, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+             template=template, seed=seed, show_thinking=not hide_thinking)
+
+
+@app.command()
+def serve(
+    model: Optional[str] = typer.Argument(None, help="HF model folder with tokenizer (default: the embedded r1-tiny)."),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    model_name: Optional[str] = typer.Option(None, help="The id clients pass as `model` (default: folder name)."),
+    max_model_len: Optional[int] = typer.Option(None, help="Prompt + completion tokens per request."),
+    max_tokens_limit: Optional[int] = typer.Option(None, help="Largest max_tokens a request may ask for."),
+    max_num_seqs: Optional[int] = typer.Option(None, help="Sequences decoded together (64 CPU / 256 CUDA)."),
+    template: str = typer.Option("auto", help="Chat prompt format: auto, chat or r1_zero."),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("auto"),
+):
+    """OpenAI-compatible server (/v1/chat/completions with reasoning_content, /v1/completions, /v1/models)."""
+    from r1lab.serve.server import serve as run_server
+
+    run_server(model, host, port, device=device, dtype=dtype, model_name=model_name, max_model_len=max_model_len,
+               max_tokens_limit=max_tokens_limit, max_num_seqs=max_num_seqs, template=template)
+
+
 def main() -> None:
     app()
 

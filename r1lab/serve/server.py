@@ -1,0 +1,837 @@
+"""An OpenAI-compatible HTTP server over the rollout engine, with R1's reasoning kept apart from the answer.
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions (streaming SSE or not), GET /v1/models,
+GET /health. Chat responses carry `message.reasoning_content` (the inside of <think>...</think>) beside
+`message.content` (the answer), in streaming as `delta.reasoning_content` / `delta.content`, the way
+DeepSeek's API does; see `reasoning.py` for the exact splitting rules.
+
+Concurrency: one `EngineWorker` thread owns the rollout `Engine` and is the only code that touches it.
+Request handlers (asyncio) put commands on its queue; it runs `engine.step()` in a loop while there is
+work, so concurrent requests share decode steps (continuous batching), and hands each request its new
+tokens through that request's asyncio queue (`loop.call_soon_threadsafe`). A client that disconnects
+mid-stream has its request aborted, which frees its cache slots.
+
+Failure isolation: requests are validated before they reach the engine (400 errors shaped like OpenAI's).
+If `engine.step()` raises anyway, the requests submitted since the last good step are the suspects: they
+fail alone (500), the engine is rebuilt, and every other request resumes where it was (its prompt plus the
+tokens generated so far become the new prompt). When no request was new, all requests in flight fail. The
+server itself keeps running either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from r1lab.rollout import Engine, SamplingParams
+
+from .reasoning import IncrementalDetokenizer, ReasoningSplitter, StopStringFilter, render_chat_prompt
+
+logger = logging.getLogger("r1lab.serve")
+
+__all__ = ["BackgroundServer", "EngineWorker", "RequestError", "ServerConfig", "create_app", "serve"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Configuration and errors
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerConfig:
+    model_name: str = "r1lab"
+    """The id clients pass as `model` (any other id gets 404 model_not_found)."""
+    max_model_len: int | None = None
+    """Prompt + completion tokens per sequence (the KV cache length); None: min(model positions, 4096)."""
+    max_tokens_limit: int | None = None
+    """Largest max_tokens a request may ask for; None: max_model_len."""
+    max_num_seqs: int | None = None
+    """Sequences decoded together (cache slots); None: 64 on CPU, 256 on CUDA. More requests wait."""
+    max_n: int = 16
+    """Largest `n` (choices per request)."""
+    default_temperature: float = 0.6
+    """Used when a request gives none: DeepSeek's recommendation for R1 (OpenAI's default would be 1.0)."""
+    default_top_p: float = 0.95
+    default_completions_max_tokens: int = 16
+    """/v1/completions without max_tokens generates this many tokens, as OpenAI's legacy endpoint does."""
+    template: str = "auto"
+    """Chat prompt format: "auto", "chat" (the tokenizer's chat template) or "r1_zero" (see reasoning.py)."""
+    force_think: bool = True
+    """End chat prompts with an open <think> block (DeepSeek's advice for R1 models)."""
+
+
+class RequestError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, status: int = 400,
+                 type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.message, self.param, self.code, self.status, self.type = message, param, code, status, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class EngineFailure(RuntimeError):
+    """The engine raised while this request was in it."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# The engine worker (the only code that touches the Engine)
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class EngineJob:
+    """`params.n` samples of one prompt, as submitted to the worker. `deliver` is called from the worker
+    thread with a list of (sample_index, new_token_ids, finished, finish_reason) or an EngineFailure."""
+
+    prompt: list[int]
+    params: SamplingParams
+    deliver: Callable[[Any], None]
+    generated: list[list[int]] = field(default_factory=list)
+    open_samples: set[int] = field(default_factory=set)
+    request_ids: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.generated = [[] for _ in range(self.params.n)]
+        self.open_samples = set(range(self.params.n))
+
+
+class EngineWorker:
+    """A thread that owns an Engine: takes jobs and cancellations from a queue, steps the engine while any
+    sequence is unfinished, and delivers the new tokens of every step to the jobs."""
+
+    def __init__(self, engine_factory: Callable[[], Any]) -> None:
+        self.engine_factory = engine_factory
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._routes: dict[int, tuple[EngineJob, list[int]]] = {}  # engine request id → job, sample map
+        self._new_jobs: set[EngineJob] = set()  # submitted since the last good step: the crash suspects
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.engine: Any = None
+        self.alive = False
+        self.error: str | None = None
+        """Why the worker thread stopped, if it died (the next submission restarts it with a new engine)."""
+        self.steps = 0
+        self.failures = 0
+
+    # -- called from any thread ------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="r1lab-engine", daemon=True)
+                self.alive, self.error = True, None
+                self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._commands.put(("stop", None))
+            self._thread.join(timeout)
+
+    def submit(self, job: EngineJob) -> None:
+        self.start()
+        self._commands.put(("add", job))
+
+    def cancel(self, job: EngineJob) -> None:
+        self._commands.put(("cancel", job))
+
+    @property
+    def active_jobs(self) -> int:
+        return len({id(job) for job, _ in list(self._routes.values())})
+
+    # -- the worker thread -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self.engine = self.engine_factory()
+            while True:
+                busy = self.engine.has_unfinished()
+                for kind, job in self._drain(block=not busy):
+                    if kind == "stop":
+                        return
+                    getattr(self, f"_{kind}")(job)
+                if self.engine.has_unfinished():
+                    self._step()
+        except BaseException as error:  # noqa: BLE001 - report, fail everyone, and mark the server unhealthy
+            self.error = f"{type(error).__name__}: {error}"
+            logger.exception("the engine worker stopped")
+            self._fail(list({id(j): j for j, _ in self._routes.values()}.values()), "the engine worker stopped")
+            raise
+        finally:
+            self.alive = False
+
+    def _drain(self, block: bool) -> list[tuple[str, Any]]:
+        items = [self._commands.get()] if block else []
+        while True:
+            try:
+                items.append(self._commands.get_nowait())
+            except queue.Empty:
+                return items
+
+    def _add(self, job: EngineJob, samples: list[int] | None = None, prompt: list[int] | None = None,
+             params: SamplingParams | None = None) -> None:
+        try:
+            request_id = self.engine.add_request(prompt or job.prompt, params or job.params)
+        except Exception as error:  # noqa: BLE001 - a request the engine refuses fails alone
+            self._deliver(job, EngineFailure(f"the engine refused the request: {error}"))
+            return
+        self._routes[request_id] = (job, samples if samples is not None else list(range(job.params.n)))
+        job.request_ids.add(request_id)
+        self._new_jobs.add(job)
+
+    def _cancel(self, job: EngineJob) -> None:
+        for request_id in list(job.request_ids):
+            self.engine.abort(request_id)
+            self._routes.pop(request_id, None)
+        job.request_ids.clear()
+        self._new_jobs.discard(job)
+
+    def _step(self) -> None:
+        try:
+            events = self.engine.step()
+        except Exception as error:  # noqa: BLE001 - isolate the failure, rebuild, resume the others
+            self._recover(error)
+            return
+        self.steps += 1
+        self._new_jobs.clear()
+        batches: dict[int, tuple[EngineJob, list]] = {}
+        for event in events:
+            route = self._routes.get(event.request_id)
+            if route is None:
+                continue  # cancelled: its last tokens are dropped
+            job, samples = route
+            sample = samples[event.sample_index]
+            job.generated[sample].extend(event.new_token_ids)
+            if event.finished:
+                job.open_samples.discard(sample)
+                if not any(s in job.open_samples for s in samples):
+                    del self._routes[event.request_id]
+                    job.request_ids.discard(event.request_id)
+            batches.setdefault(id(job), (job, []))[1].append(
+                (sample, list(event.new_token_ids), event.finished, event.finish_reason))
+        for job, items in batches.values():
+            self._deliver(job, items)
+
+    def _recover(self, error: Exception) -> None:
+        self.failures += 1
+        jobs = {id(j): j for j, _ in self._routes.values()}
+        suspects = [j for j in jobs.values() if j in self._new_jobs] or list(jobs.values())
+        logger.error("engine step failed (%s: %s); failing %d request(s), resuming %d", type(error).__name__,
+                     error, len(suspects), len(jobs) - len(suspects))
+        self._fail(suspects, f"the engine failed on this request: {type(error).__name__}: {error}")
+        survivors = [j for j in jobs.values() if j not in suspects]
+        self._routes.clear()
+        self._new_jobs.clear()
+        self.engine = None  # free the old cache before the new one is allocated
+        self.engine = self.engine_factory()
+        for job in survivors:
+            job.request_ids.clear()
+            for sample in sorted(job.open_samples):
+                done = job.generated[sample]
+                params = dataclasses.replace(job.params, n=1, seed=None,
+                                             max_new_tokens=job.params.max_new_tokens - len(done))
+                self._add(job, [sample], job.prompt + done, params)
+        self._new_jobs.clear()  # resumed jobs are not suspects of the next failure
+
+    def _fail(self, jobs: Sequence[EngineJob], message: str) -> None:
+        for job in jobs:
+            for request_id in list(job.request_ids):
+                self._routes.pop(request_id, None)
+            job.request_ids.clear()
+            self._deliver(job, EngineFailure(message))
+
+    @staticmethod
+    def _deliver(job: EngineJob, payload: Any) -> None:
+        try:
+            job.deliver(payload)
+        except Exception:  # noqa: BLE001 - e.g. the event loop closed during shutdown
+            logger.debug("could not deliver to a request", exc_info=True)
+
+
+def default_engine_factory(model: Any, max_num_seqs: int, max_model_len: int) -> Callable[[], Engine]:
+    return lambda: Engine(model, num_slots=max_num_seqs, max_len=max_model_len)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Request validation
+# --------------------------------------------------------------------------------------------------------
+
+_CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _text_content(content: Any, param: str) -> str:
+    """A message's content: a string, or a list of {"type": "text", "text": ...} parts (joined)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise RequestError(f"{param}[{i}] must be a text part {{'type': 'text', 'text': ...}}; this "
+                                   "server handles text only", param=f"{param}[{i}]")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise RequestError(f"{param} must be a string or a list of text parts", param=param)
+
+
+def parse_messages(value: Any) -> list[dict]:
+    if value is None:
+        raise RequestError("you must provide a 'messages' parameter", param="messages",
+                           code="missing_required_parameter")
+    if not isinstance(value, list) or not value:
+        raise RequestError("'messages' must be a non-empty list of messages", param="messages")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise RequestError(f"messages[{i}] must be an object with 'role' and 'content'", param=f"messages[{i}]")
+        role = message.get("role")
+        if role not in _CHAT_ROLES:
+            raise RequestError(f"messages[{i}].role must be one of {list(_CHAT_ROLES)}, got {role!r}",
+                               param=f"messages[{i}].role")
+        content = message.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        messages.append({"role": role, "content": _text_content(content, f"messages[{i}].content")})
+    if not any(m["role"] == "user" for m in messages):
+        raise RequestError("'messages' must contain at least one user message", param="messages")
+    return messages
+
+
+@dataclass
+class Sampling:
+    """The sampling fields common to both endpoints, validated."""
+
+    n: int
+    temperature: float
+    top_p: float
+    top_k: int | None
+    max_tokens: int | None
+    stop: list[str]
+    seed: int | None
+    stream: bool
+    include_usage: bool
+
+
+def parse_sampling(body: dict, config: ServerConfig, limit: int) -> Sampling:
+    def number(name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+        value = body.get(name)
+        if value is None:
+            return default
+        if not _is_number(value) or not (low < value if low_open else low <= value) or value > high:
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise RequestError(f"'{name}' must be a number in {interval}, got {value!r}", param=name,
+                               code="invalid_value")
+        return float(value)
+
+    temperature = number("temperature", config.default_temperature, 0.0, 2.0)
+    top_p = number("top_p", config.default_top_p, 0.0, 1.0, low_open=True)
+    top_k = body.get("top_k")
+    if top_k is not None and (not _is_int(top_k) or top_k < -1):
+        raise RequestError(f"'top_k' must be an integer >= -1 (-1 or 0: off), got {top_k!r}", param="top_k")
+    n = 1 if body.get("n") is None else body["n"]
+    if not _is_int(n) or not 1 <= n <= config.max_n:
+        raise RequestError(f"'n' must be an integer in [1, {config.max_n}], got {n!r}", param="n", code="invalid_value")
+    max_tokens = None
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not _is_int(value) or value < 1:
+            raise RequestError(f"'{name}' must be a positive integer, got {value!r}", param=name, code="invalid_value")
+        if value > limit:
+            raise RequestError(f"'{name}' is {value}, above this server's limit of {limit}", param=name,
+                               code="invalid_value")
+        max_tokens = value
+        break
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > 16 or not all(isinstance(s, str) and s for s in stop):
+        raise RequestError("'stop' must be a non-empty string or a list of at most 16 non-empty strings",
+                           param="stop")
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise RequestError(f"'seed' must be an integer, got {seed!r}", param="seed")
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise RequestError("'stream' must be a boolean", param="stream")
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or not stream):
+        raise RequestError("'stream_options' must be an object and is only allowed with stream=true",
+                           param="stream_options")
+    unsupported = [name for name in ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions")
+                   if body.get(name)] + (["best_of"] if body.get("best_of") not in (None, 1) else [])
+    if unsupported:
+        raise RequestError(f"'{unsupported[0]}' is not supported by this server", param=unsupported[0],
+                           code="unsupported_parameter")
+    return Sampling(n, temperature, top_p, None if not top_k or top_k < 1 else top_k, max_tokens, stop,
+                    seed, stream, bool((options or {}).get("include_usage")))
+
+
+# --------------------------------------------------------------------------------------------------------
+# One choice's text stream (consumer side, in the event loop)
+# --------------------------------------------------------------------------------------------------------
+
+
+class ChoiceStream:
+    """Tokens of one choice → (reasoning delta, content delta) with stop strings applied. With a splitter
+    (chat) text goes to reasoning/content; without one (completions) everything is content."""
+
+    def __init__(self, tokenizer: Any, stop_ids: set[int], stops: list[str], splitter: ReasoningSplitter | None):
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
+        self.stop_ids = stop_ids
+        self.stops = StopStringFilter(stops)
+        self.splitter = splitter
+        self.tokens = 0
+        self.finish_reason: str | None = None
+        self.reasoning: list[str] = []
+        self.content: list[str] = []
+
+    def push(self, token_ids: list[int], finished: bool, reason: str | None) -> tuple[str, str]:
+        if self.finish_reason is not None:
+            return "", ""  # tokens in flight after a stop string ended this choice
+        self.tokens += len(token_ids)
+        if finished and reason == "stop" and token_ids and token_ids[-1] in self.stop_ids:
+            token_ids = token_ids[:-1]  # the stop token is counted but not shown
+        text = self.detokenizer.add(token_ids)
+        if finished:
+            text += self.detokenizer.flush()
+        text = self.stops.feed(text, final=finished)
+        if self.stops.stopped:
+            finished, reason = True, "stop"
+        if self.splitter is None:
+            reasoning, content = "", text
+        else:
+            delta = self.splitter.feed(text)
+            if finished:
+                last = self.splitter.finish()
+                delta.reasoning += last.reasoning
+                delta.content += last.content
+            reasoning, content = delta.reasoning, delta.content
+        if finished:
+            self.finish_reason = "length" if reason == "length" else "stop"
+        self.reasoning.append(reasoning)
+        self.content.append(content)
+        return reasoning, content
+
+
+@dataclass
+class _Submission:
+    """What one HTTP request put into the worker: its jobs and where each job's samples land."""
+
+    jobs: list[EngineJob]
+    first_choice: list[int]
+    queue: asyncio.Queue
+
+
+# --------------------------------------------------------------------------------------------------------
+# The app
+# --------------------------------------------------------------------------------------------------------
+
+
+class _Server:
+    """State behind the routes: model facts, the worker, and the request → engine plumbing."""
+
+    def __init__(self, model: Any, tokenizer: Any, config: ServerConfig,
+                 engine_factory: Callable[[], Any] | None) -> None:
+        self.tokenizer, self.config = tokenizer, config
+        args = model.args
+        cuda = model.lm_head.weight.is_cuda
+        self.max_model_len = config.max_model_len or min(args.max_position_embeddings, 4096)
+        self.limit = min(config.max_tokens_limit or self.max_model_len, self.max_model_len)
+        self.vocab_size = args.vocab_size
+        self.stop_ids = sorted(set(tokenizer.stop_ids) | set(args.stop_token_ids))
+        num_seqs = config.max_num_seqs or (256 if cuda else 64)
+        self.worker = EngineWorker(engine_factory or default_engine_factory(model, num_seqs, self.max_model_len))
+        self.created = int(time.time())
+
+    # -- prompt tokens ----------------------------------------------------------------------------------
+    def check_model(self, body: dict) -> None:
+        model = body.get("model")
+        if model is not None and model != self.config.model_name:
+            raise RequestError(f"The model '{model}' does not exist; this server serves '{self.config.model_name}'",
+                               param="model", code="model_not_found", status=404)
+
+    def room(self, prompt_len: int, sampling: Sampling, param: str, default: int | None) -> int:
+        """max_new_tokens for a prompt: the request's max_tokens (or the default), checked against the context."""
+        free = self.max_model_len - prompt_len
+        if sampling.max_tokens is None:
+            wanted = min(default or self.limit, self.limit)
+            if free < 1:
+                raise RequestError(f"This model's maximum context length is {self.max_model_len} tokens, and the "
+                                   f"{param} alone has {prompt_len}", param=param, code="context_length_exceeded")
+            return min(wanted, free)
+        if prompt_len + sampling.max_tokens > self.max_model_len:
+            raise RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{prompt_len + sampling.max_tokens} tokens ({prompt_len} in the {param}, {sampling.max_tokens} "
+                "in the completion). Please reduce the length of the prompt or the completion.",
+                param=param, code="context_length_exceeded")
+        return sampling.max_tokens
+
+    def completion_prompts(self, value: Any) -> list[list[int]]:
+        """/v1/completions `prompt`: a string, a list of strings, a list of token ids, or a list of those."""
+        if value is None:
+            raise RequestError("you must provide a 'prompt' parameter", param="prompt",
+                               code="missing_required_parameter")
+        if isinstance(value, str) or (isinstance(value, list) and value and all(_is_int(t) for t in value)):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise RequestError("'prompt' must be a string, a list of strings or a list of token-id lists",
+                               param="prompt")
+        prompts = []
+        for i, item in enumerate(value):
+            if isinstance(item, str):
+                ids = self.tokenizer.encode(item, add_bos=True)
+            elif isinstance(item, list) and all(_is_int(t) for t in item):
+                ids = list(item)
+                if any(not 0 <= t < self.vocab_size for t in ids):
+                    raise RequestError(f"prompt[{i}] has token ids outside [0, {self.vocab_size})", param="prompt")
+            else:
+                raise RequestError(f"prompt[{i}] must be a string or a list of token ids", param="prompt")
+            if not ids:
+                raise RequestError(f"prompt[{i}] is empty", param="prompt")
+            prompts.append(ids)
+        return prompts
+
+    # -- submission -----------------------------------------------------------------------------------------
+    def submit(self, prompts: list[list[int]], sampling: Sampling, max_new_tokens: list[int]) -> _Submission:
+        """One job per prompt with all n samples (they share the prefill), or, when stop strings may end a
+        sample early, one job per sample, so that finishing one frees its slot without touching its siblings."""
+        loop = asyncio.get_running_loop()
+        box: asyncio.Queue = asyncio.Queue()
+        split = bool(sampling.stop) and sampling.n > 1
+        jobs, first = [], []
+        for p, (prompt, budget) in enumerate(zip(prompts, max_new_tokens)):
+            for s in range(sampling.n) if split else [0]:
+                params = SamplingParams(
+                    temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                    max_new_tokens=budget, stop_token_ids=list(self.stop_ids), n=1 if split else sampling.n,
+                    seed=None if sampling.seed is None else sampling.seed + (s if split else 0))
+                number = len(jobs)
+
+                def deliver(payload: Any, number: int = number) -> None:
+                    loop.call_soon_threadsafe(box.put_nowait, (number, payload))
+
+                jobs.append(EngineJob(prompt, params, deliver))
+                first.append(p * sampling.n + s)
+        submission = _Submission(jobs, first, box)
+        for job in jobs:
+            self.worker.submit(job)
+        return submission
+
+    def cancel(self, submission: _Submission) -> None:
+        for job in submission.jobs:
+            self.worker.cancel(job)
+
+    async def run(self, submission: _Submission, choices: list[ChoiceStream]) -> AsyncIterator[tuple[int, str, str]]:
+        """(choice index, reasoning delta, content delta) as tokens arrive; ends when every choice finished.
+        Raises EngineFailure if the engine failed on this request. Cancels the jobs if abandoned."""
+        finished_jobs = 0
+        open_choices = [set(range(job.params.n)) for job in submission.jobs]
+        try:
+            while finished_jobs < len(submission.jobs):
+                number, payload = await submission.queue.get()
+                if isinstance(payload, Exception):
+                    raise payload
+                job = submission.jobs[number]
+                for sample, tokens, finished, reason in payload:
+                    index = submission.first_choice[number] + sample
+                    choice = choices[index]
+                    if choice.finish_reason is not None:
+                        continue
+                    reasoning, content = choice.push(tokens, finished, reason)
+                    yield index, reasoning, content
+                    if choice.finish_reason is not None:
+                        open_choices[number].discard(sample)
+                        if not open_choices[number]:
+                            finished_jobs += 1
+                            if choice.stops.stopped:  # a stop string ended it; the engine may still run it
+                                self.worker.cancel(job)
+        except BaseException:
+            self.cancel(submission)  # disconnect, failure or shutdown: free the slots
+            raise
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def create_app(model: Any, tokenizer: Any, *, model_name: str = "r1lab", max_model_len: int | None = None,
+               max_tokens_limit: int | None = None, engine_factory: Callable[[], Any] | None = None,
+               **options: Any):
+    """A FastAPI app serving `model` (an r1lab Transformer) with `tokenizer` (r1lab Tokenizer).
+
+    Options are ServerConfig fields (max_num_seqs, max_n, default_temperature, default_top_p, template,
+    force_think, ...). `engine_factory` builds the engine the worker owns (tests script one); by default a
+    rollout Engine with max_num_seqs slots of max_model_len positions. The worker thread starts with the app
+    (or at the first request) and stops at shutdown; `app.state.server.worker` exposes it.
+    """
+    from contextlib import asynccontextmanager
+
+    config = ServerConfig(model_name=model_name, max_model_len=max_model_len, max_tokens_limit=max_tokens_limit,
+                          **options)
+    server = _Server(model, tokenizer, config, engine_factory)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        server.worker.start()
+        yield
+        await asyncio.to_thread(server.worker.stop)
+
+    app = FastAPI(title="r1lab", lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(RequestError)
+    async def request_error(_request, error: RequestError):
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request, error: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+        return JSONResponse(RequestError(str(error.detail), code=code, status=error.status_code).body(),
+                            status_code=error.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request, error: RequestValidationError):
+        return JSONResponse(RequestError(f"invalid request: {error.errors()}").body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request, error: Exception):
+        logger.exception("unhandled error")
+        body = RequestError(f"internal server error: {type(error).__name__}: {error}", type="server_error",
+                            status=500).body()
+        return JSONResponse(body, status_code=500)
+
+    async def json_body(request: Request) -> dict:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise RequestError(f"We could not parse the JSON body of your request: {error}") from None
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
+        return body
+
+    @app.get("/health")
+    async def health():
+        if server.worker.error is not None:
+            return JSONResponse({"status": "error", "message": f"the engine worker stopped: {server.worker.error}"},
+                                status_code=503)
+        return {"status": "ok", "active_requests": server.worker.active_jobs, "engine_steps": server.worker.steps,
+                "engine_failures": server.worker.failures}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": server.created,
+                                            "owned_by": "r1lab", "max_model_len": server.max_model_len}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await json_body(request)
+        server.check_model(body)
+        messages = parse_messages(body.get("messages"))
+        sampling = parse_sampling(body, config, server.limit)
+        rendered = render_chat_prompt(tokenizer, messages, template=config.template, force_think=config.force_think)
+        prompt = tokenizer.encode(rendered.text, add_bos=rendered.template == "r1_zero")
+        budget = server.room(len(prompt), sampling, "messages", None)
+        choices = [ChoiceStream(tokenizer, set(server.stop_ids), sampling.stop,
+                                ReasoningSplitter(starts_in_think=rendered.starts_in_think))
+                   for _ in range(sampling.n)]
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": config.model_name}
+        submission = server.submit([prompt], sampling, [budget])
+        if sampling.stream:
+            return _stream(request, submission, choices, sampling, head, len(prompt), chat=True)
+        await _collect(request, submission, choices)
+        return {**head, "object": "chat.completion", "choices": [
+            {"index": i, "message": {"role": "assistant", "content": "".join(c.content),
+                                     "reasoning_content": "".join(c.reasoning) if c.splitter.saw_reasoning else None},
+             "logprobs": None, "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
+            "usage": _usage(len(prompt), choices)}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await json_body(request)
+        server.check_model(body)
+        sampling = parse_sampling(body, config, server.limit)
+        prompts = server.completion_prompts(body.get("prompt"))
+        budgets = [server.room(len(p), sampling, "prompt", config.default_completions_max_tokens) for p in prompts]
+        choices = [ChoiceStream(tokenizer, set(server.stop_ids), sampling.stop, None)
+                   for _ in range(len(prompts) * sampling.n)]
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": config.model_name}
+        prompt_tokens = sum(len(p) for p in prompts)
+        submission = server.submit(prompts, sampling, budgets)
+        if sampling.stream:
+            return _stream(request, submission, choices, sampling, head, prompt_tokens, chat=False)
+        await _collect(request, submission, choices)
+        return {**head, "object": "text_completion", "choices": [
+            {"index": i, "text": "".join(c.content), "logprobs": None, "finish_reason": c.finish_reason}
+            for i, c in enumerate(choices)], "usage": _usage(prompt_tokens, choices)}
+
+    async def _collect(request: Request, submission: _Submission, choices: list[ChoiceStream]) -> None:
+        """Run a non-streaming request to the end; a client that went away cancels it."""
+        async def drain() -> None:
+            async for _ in server.run(submission, choices):
+                pass
+
+        task = asyncio.ensure_future(drain())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=1.0)
+                if done:
+                    break
+                if await request.is_disconnected():
+                    task.cancel()
+                    break
+            error = task.exception() if task.done() and not task.cancelled() else None
+        finally:
+            if not task.done():
+                task.cancel()
+        if isinstance(error, EngineFailure):
+            raise RequestError(str(error), type="server_error", code="engine_error", status=500)
+        if error is not None:
+            raise error
+
+    def _stream(request: Request, submission: _Submission, choices: list[ChoiceStream], sampling: Sampling,
+                head: dict, prompt_tokens: int, chat: bool):
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        extra = {"usage": None} if sampling.include_usage else {}
+
+        def chunk(index: int, finish_reason: str | None = None, **fields: Any) -> str:
+            choice = {"index": index, **fields, "logprobs": None, "finish_reason": finish_reason}
+            return _sse({**head, "object": kind, "choices": [choice], **extra})
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                if chat:
+                    for i in range(len(choices)):
+                        yield chunk(i, delta={"role": "assistant", "content": ""})
+                async for index, reasoning, content in server.run(submission, choices):
+                    choice = choices[index]
+                    if chat:
+                        delta = {}
+                        if reasoning:
+                            delta["reasoning_content"] = reasoning
+                        if content:
+                            delta["content"] = content
+                        if delta:
+                            yield chunk(index, delta=delta)
+                        if choice.finish_reason is not None:
+                            yield chunk(index, choice.finish_reason, delta={})
+                    elif content or choice.finish_reason is not None:
+                        yield chunk(index, choice.finish_reason, text=content)
+                if sampling.include_usage:
+                    yield _sse({**head, "object": kind, "choices": [], "usage": _usage(prompt_tokens, choices)})
+            except EngineFailure as error:
+                yield _sse(RequestError(str(error), type="server_error", code="engine_error", status=500).body())
+            yield "data: [DONE]\n\n"
+
+        return ClosingStreamingResponse(events(), media_type="text/event-stream",
+                                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Closes its event generator however the response ends (a disconnect may leave it suspended), so the
+    generator's cleanup (cancelling the request in the engine) runs now rather than at garbage collection."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def _usage(prompt_tokens: int, choices: Sequence[ChoiceStream]) -> dict:
+    completion = sum(c.tokens for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 8000, *, device: str = "cpu",
+          dtype: str = "auto", model_name: str | None = None, log_level: str = "info", **options: Any) -> None:
+    """Load a model folder (None: the embedded default) and serve it with uvicorn until interrupted."""
+    import uvicorn
+
+    from . import DEFAULT_MODEL_DIR, load_model_and_tokenizer
+
+    if not str(device).startswith("cuda"):
+        # Leave a core to the HTTP event loop: torch's intra-op threads spin, and on a CPU where they
+        # share every core with the event loop each decode step waits on them (measured: 20x slower on 2 cores).
+        import os
+
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    model, tokenizer = load_model_and_tokenizer(model_path, device=device, dtype=dtype)
+    from pathlib import Path
+
+    name = model_name or Path(model_path or DEFAULT_MODEL_DIR).name
+    app = create_app(model, tokenizer, model_name=name, **options)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+class BackgroundServer:
+    """Serve an app with uvicorn on a thread (tests, benchmarks, notebooks): `with BackgroundServer(app) as s:`
+    then talk to `s.base_url` ("http://127.0.0.1:PORT/v1"). The socket is bound before the thread starts
+    (port 0 picks a free port), so there is no race for the port."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+        import socket
+
+        import uvicorn
+
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((host, port))
+        self.host, self.port = host, self.socket.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self, timeout: float = 30.0) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.socket.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -1,0 +1,301 @@
+"""The OpenAI-compatible server, driven by the official `openai` client against a real uvicorn server.
+
+Two servers: one over a scripted engine (exact reasoning/content/usage, stop strings, crash isolation,
+disconnects) and one over the real rollout engine with a tiny random model (wiring smoke tests, 64
+concurrent streams through continuous batching, bad requests)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from r1lab.rollout import StreamEvent
+from r1lab.serve import build_random_checkpoint, load_model_and_tokenizer, render_chat_prompt
+from r1lab.serve.server import BackgroundServer, create_app
+
+REASONING = "Two plus two is four."
+ANSWER = "4"
+SCRIPT = f"{REASONING}</think>\n\n<answer>{ANSWER}</answer>"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = build_random_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+    return load_model_and_tokenizer(folder)
+
+
+class ScriptedEngine:
+    """Engine stand-in: every sample emits the tokens of SCRIPT + EOS, one per step. A prompt containing
+    "POISON" makes the next step raise (as a crashing prefill would); "FOREVER" never emits EOS."""
+
+    instances: list["ScriptedEngine"] = []
+
+    def __init__(self, tokenizer, step_delay: float = 0.0):
+        self.tokenizer, self.step_delay = tokenizer, step_delay
+        self.script = tokenizer.encode(SCRIPT) + [tokenizer.eos_id]
+        self.requests: dict[int, dict] = {}
+        self.next_id = 0
+        self.aborted: list[int] = []
+        ScriptedEngine.instances.append(self)
+
+    def add_request(self, prompt, params):
+        text = self.tokenizer.decode(prompt)
+        rid, self.next_id = self.next_id, self.next_id + 1
+        self.requests[rid] = {"params": params, "poison": "POISON" in text, "forever": "FOREVER" in text,
+                              "emitted": [0] * params.n, "open": set(range(params.n))}
+        return rid
+
+    def has_unfinished(self):
+        return bool(self.requests)
+
+    def abort(self, rid):
+        if self.requests.pop(rid, None) is not None:
+            self.aborted.append(rid)
+
+    def step(self):
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        if any(r["poison"] for r in self.requests.values()):
+            raise RuntimeError("scripted crash")
+        events = []
+        for rid, req in list(self.requests.items()):
+            for sample in sorted(req["open"]):
+                i = req["emitted"][sample]
+                token = self.script[i % (len(self.script) - 1)] if req["forever"] else self.script[i]
+                req["emitted"][sample] += 1
+                reason = "stop" if token == self.tokenizer.eos_id else (
+                    "length" if req["emitted"][sample] >= req["params"].max_new_tokens else None)
+                if reason:
+                    req["open"].discard(sample)
+                events.append(StreamEvent(rid, sample, [token], [0.0], reason is not None, reason))
+            if not req["open"]:
+                del self.requests[rid]
+        return events
+
+
+@pytest.fixture(scope="module")
+def scripted(tiny):
+    model, tokenizer = tiny
+    app = create_app(model, tokenizer, model_name="scripted", max_model_len=256,
+                     engine_factory=lambda: ScriptedEngine(tokenizer, step_delay=0.002))
+    with BackgroundServer(app) as server:
+        server.app = app
+        server.client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def real(tiny):
+    model, tokenizer = tiny
+    app = create_app(model, tokenizer, model_name="tiny", max_model_len=192, max_tokens_limit=64, max_num_seqs=64)
+    with BackgroundServer(app) as server:
+        server.app = app
+        server.client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+        yield server
+
+
+def _prompt_tokens(tokenizer, content: str) -> int:
+    rendered = render_chat_prompt(tokenizer, [{"role": "user", "content": content}])
+    return len(tokenizer.encode(rendered.text, add_bos=True))
+
+
+# ------------------------------------------------------------------------------------ scripted engine
+def test_chat_non_streaming_separates_reasoning_from_answer(scripted, tiny):
+    tokenizer = tiny[1]
+    r = scripted.client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "2+2?"}])
+    message = r.choices[0].message
+    assert message.reasoning_content == REASONING
+    assert message.content == ANSWER
+    assert r.choices[0].finish_reason == "stop"
+    script_tokens = len(tokenizer.encode(SCRIPT)) + 1  # the EOS is generated and counted, not shown
+    assert r.usage.completion_tokens == script_tokens
+    assert r.usage.prompt_tokens == _prompt_tokens(tokenizer, "2+2?")
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.object == "chat.completion" and r.model == "scripted"
+
+
+def test_chat_streaming_deltas_and_usage(scripted, tiny):
+    stream = scripted.client.chat.completions.create(
+        model="scripted", messages=[{"role": "user", "content": "2+2?"}], stream=True,
+        stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert (reasoning, content) == (REASONING, ANSWER)
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(tiny[1].encode(SCRIPT)) + 1
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_n_choices_stop_strings_and_length(scripted):
+    r = scripted.client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "q"}], n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert all(c.message.content == ANSWER for c in r.choices)
+
+    r = scripted.client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "q"}],
+                                                stop=["four"], n=2)
+    assert all(c.message.reasoning_content == "Two plus two is" and c.message.content == "" for c in r.choices)
+    assert all(c.finish_reason == "stop" for c in r.choices)
+
+    r = scripted.client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "q"}],
+                                                max_tokens=3)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+    assert r.choices[0].message.content == ""
+
+
+def test_completions_endpoint(scripted):
+    r = scripted.client.completions.create(model="scripted", prompt=["a", "b c"], n=2, max_tokens=64)
+    assert len(r.choices) == 4 and [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert all(c.text == SCRIPT and c.finish_reason == "stop" for c in r.choices)
+    stream = scripted.client.completions.create(model="scripted", prompt="a", max_tokens=64, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == SCRIPT
+
+
+def test_crashing_request_fails_alone(scripted):
+    client = scripted.client
+    results = {}
+
+    def healthy():
+        results["healthy"] = client.chat.completions.create(
+            model="scripted", messages=[{"role": "user", "content": "FOREVER"}], max_tokens=60)
+
+    thread = threading.Thread(target=healthy)
+    thread.start()
+    time.sleep(0.05)  # the healthy request is decoding when the poison one arrives
+    with pytest.raises(openai.InternalServerError) as failure:
+        client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "POISON"}])
+    assert failure.value.response.json()["error"]["code"] == "engine_error"
+    thread.join(30)
+    assert results["healthy"].choices[0].finish_reason == "length"
+    assert results["healthy"].usage.completion_tokens == 60  # resumed on the rebuilt engine, nothing lost
+    after = client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "2+2?"}])
+    assert after.choices[0].message.content == ANSWER
+    health = httpx.get(scripted.base_url.removesuffix("/v1") + "/health").json()
+    assert health["status"] == "ok" and health["engine_failures"] >= 1
+
+
+def test_client_disconnect_cancels_the_request(scripted):
+    worker = scripted.app.state.server.worker
+    with httpx.Client(timeout=30) as http:
+        body = {"model": "scripted", "messages": [{"role": "user", "content": "FOREVER"}], "max_tokens": 150,
+                "stream": True}
+        with http.stream("POST", scripted.base_url + "/chat/completions", json=body) as response:
+            lines = response.iter_lines()
+            for _ in range(4):
+                next(lines)
+    deadline = time.monotonic() + 10
+    while worker.active_jobs and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert worker.active_jobs == 0
+    assert worker.engine.aborted  # the engine was told to free the request's slot
+    assert not worker.engine.has_unfinished()
+
+
+# ------------------------------------------------------------------------------------ validation
+@pytest.mark.parametrize("kwargs, param", [
+    ({"temperature": 2.5}, "temperature"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 65}, "max_tokens"),  # above max_tokens_limit
+    ({"n": 0}, "n"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": "word " * 200}], "max_tokens": 10}, "messages"),  # context
+    ({"stop": [""]}, "stop"),
+])
+def test_bad_chat_requests_get_openai_400(real, kwargs, param):
+    request = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **kwargs}
+    with pytest.raises(openai.BadRequestError) as error:
+        real.client.chat.completions.create(**request)
+    body = error.value.response.json()["error"]
+    assert body["type"] == "invalid_request_error" and body["param"] == param and body["message"]
+    assert set(body) == {"message", "type", "param", "code"}
+
+
+def test_malformed_and_unknown_requests(real):
+    base = real.base_url
+    for raw in (b"{not json", b"[1, 2]"):
+        r = httpx.post(base + "/chat/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(base + "/chat/completions", json={"model": "tiny"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    with pytest.raises(openai.NotFoundError) as error:
+        real.client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
+    assert error.value.response.json()["error"]["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError):  # token ids outside the vocabulary never reach the engine
+        real.client.completions.create(model="tiny", prompt=[[1, 2, 10**6]], max_tokens=2)
+    assert real.client.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+    assert httpx.get(base + "/nope").json()["error"]["code"] == "not_found"
+
+
+# ------------------------------------------------------------------------------------ real engine
+def test_real_engine_chat_and_models(real, tiny):
+    tokenizer = tiny[1]
+    assert [m.id for m in real.client.models.list().data] == ["tiny"]
+    r = real.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "What is 2 + 3?"}],
+                                            max_tokens=8, seed=1, stop=None)
+    choice = r.choices[0]
+    assert choice.finish_reason in ("stop", "length")
+    assert isinstance(choice.message.content, str) and choice.message.reasoning_content is not None
+    assert r.usage.prompt_tokens == _prompt_tokens(tokenizer, "What is 2 + 3?")
+    assert 1 <= r.usage.completion_tokens <= 8
+    if choice.finish_reason == "length":
+        assert r.usage.completion_tokens == 8
+
+    stream = real.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=6, stream=True, stream_options={"include_usage": True},
+                                                 n=2)
+    chunks = list(stream)
+    finished = sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert finished == [0, 1]
+    assert 2 <= chunks[-1].usage.completion_tokens <= 12
+
+
+def test_64_concurrent_streams_are_batched(real):
+    async def one(client, i):
+        stream = await client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"question {i}"}], max_tokens=8, stream=True,
+            stream_options={"include_usage": True})
+        finish, usage = None, None
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+            usage = chunk.usage or usage
+        return finish, usage.completion_tokens
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=real.base_url, api_key="x", max_retries=0, timeout=60) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    engine = real.app.state.server.worker.engine
+    steps_before, rows_before = engine.stats.decode_steps, engine.stats.decode_rows
+    results = asyncio.run(main())
+    assert len(results) == 64 and all(f in ("stop", "length") and 1 <= n <= 8 for f, n in results)
+    steps = engine.stats.decode_steps - steps_before
+    assert steps < 64 * 8 / 4, "requests were not decoded together"
+    assert (engine.stats.decode_rows - rows_before) / steps > 4
+    health = httpx.get(real.base_url.removesuffix("/v1") + "/health").json()
+    assert health["status"] == "ok" and health["active_requests"] == 0
+
+
+def test_streaming_wire_format(real):
+    """Raw SSE: `data: {...}` events, a chat.completion.chunk object each, ending with `data: [DONE]`."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", real.base_url + "/chat/completions", json=body, timeout=30) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    for line in events[:-1]:
+        assert line.startswith("data: ")
+        assert json.loads(line[6:])["object"] == "chat.completion.chunk"
