@@ -168,8 +168,17 @@ class MLAttention(nn.Module):
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
         q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)
-        query = torch.cat([q_latent, q_rope], dim=-1).transpose(1, 2)  # [B, H, T, rank + rope]
-        key = cached.unsqueeze(1)  # one shared "head" (MQA in latent space)
+        query = torch.cat([q_latent, q_rope], dim=-1)  # [B, T, H, rank + rope]
+        key = cached.unsqueeze(1)  # one shared "head" (MQA in latent space): [B, 1, S, rank + rope]
         value = key[..., : self.rank]
-        out = _sdpa(query, key, value, ctx, self.scale)  # [B, H, T, rank]
+        if query.shape[1] == 1:
+            # Decode: fold the H query heads into the query-length dim of the one latent head (the mask
+            # [B, 1, 1, S] broadcasts over them). SDPA's GQA broadcasting over a single KV head would fall
+            # back to the math kernel, which copies the cache H times (~40x slower on an H100).
+            out = _sdpa(query, key, value, ctx, self.scale)  # [B, 1, H, rank] = [B, T, H, rank]
+            return torch.einsum("bthc,hvc->bthv", out, w_uv)
+        # Prefill: a stride-0 view of the latent per head keeps the fused kernels usable, without copies.
+        heads = query.shape[2]
+        key, value = key.expand(-1, heads, -1, -1), value.expand(-1, heads, -1, -1)
+        out = _sdpa(query.transpose(1, 2), key, value, ctx, self.scale)  # [B, H, T, rank]
         return torch.einsum("bhtc,hvc->bthv", out, w_uv)

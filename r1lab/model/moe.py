@@ -95,7 +95,10 @@ class RoutedExperts(nn.Module):
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)
         tokens = order // ids.shape[1]
-        offsets = torch.cumsum(torch.bincount(flat_ids, minlength=self.n_experts), 0).to(torch.int32)
+        # counts by scatter_add, not bincount: CUDA bincount syncs with the host, which breaks CUDA-graph capture
+        counts = torch.zeros(self.n_experts, dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         xs = x[tokens]
         h = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offsets)
         gate, up = h.chunk(2, dim=-1)

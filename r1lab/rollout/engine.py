@@ -1,0 +1,510 @@
+"""The generation engine: slotted KV cache, batched prefill, continuous-batching decode, sampling.
+
+Life of a sample ("sequence"):
+1. `add_request` queues the prompt's n sequences.
+2. Admission gives a waiting sequence a free cache slot. The first sequence of a prompt is prefilled: the
+   K/V of prompt[:-1] are written into its slot (right-padded batches of several prompts, chunked when
+   long; no logits are computed). Its siblings instead copy that slot's first len-1 cache rows (or those of
+   any running sibling) into their own slots: a tensor copy instead of a second prefill.
+3. Decode steps run over cache rows 0..B-1 (row b = slot b, a view, no gather), every sequence feeding
+   its next token at its own position; the prompt's last token is the first fed, so every sample draws its
+   first token from the same logits. Slots that hold no running sequence are idle dummy rows.
+4. A sampled stop token or max_new_tokens finishes a sequence and frees its slot; the next step admits
+   a waiting one into it. When few sequences remain in high slots they are moved down (cache rows copied)
+   so the decode batch shrinks.
+
+Host syncs: one small device→host copy of the sampled tokens and log-probs per step. With `lookahead=1`
+(default on CUDA) step t+1 is launched before step t's tokens are read, so the GPU never waits on Python;
+a sequence that finished at step t then computes one wasted row in step t+1, which is discarded.
+
+Reproducibility: one generator per engine, re-seeded from SamplingParams.seed when a seeded request
+arrives while the engine is idle. Same seed + same engine configuration + same requests (so the same batch
+composition at every step) + same device and software → same tokens. Different batch compositions draw
+different noise, and CPU and GPU draw differently.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from r1lab.model import KVCache
+
+from . import fast_decode as fast_decode_module
+from . import fused_sampling
+from .cuda_graphs import DecodeGraphs, batch_bucket, kv_bucket
+from .sampling import RowParams, SamplingParams, device_tensor, sample
+
+
+def fast_decode_module_ready() -> bool:
+    return fast_decode_module.triton is not None
+
+
+@dataclass
+class Completion:
+    prompt_index: int
+    """Index of the prompt in the list given to generate (request id for Engine.completions)."""
+    sample_index: int
+    """0..n-1 among the samples of that prompt."""
+    token_ids: list[int]
+    """Generated tokens; a sampled stop token is included as the last one."""
+    logprobs: list[float]
+    """log_softmax of the raw logits (temperature 1, no top-k/top-p) at each generated token: GRPO's π_old."""
+    finish_reason: str
+    """'stop' (a stop token was sampled), 'length' (max_new_tokens reached) or 'abort'."""
+
+
+@dataclass
+class StreamEvent:
+    request_id: int
+    sample_index: int
+    new_token_ids: list[int]
+    new_logprobs: list[float]
+    finished: bool
+    finish_reason: str | None
+
+
+@dataclass
+class EngineStats:
+    decode_steps: int = 0
+    decode_rows: int = 0
+    """Sum over steps of the decode batch (idle dummy rows included)."""
+    prefill_forwards: int = 0
+    prefill_tokens: int = 0
+    """Prompt tokens actually prefilled (siblings that copied a slot are not counted)."""
+    slot_copies: int = 0
+    """Sibling prefills replaced by a cache copy."""
+    compaction_moves: int = 0
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request: "_Request"
+    sample_index: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    slot: int = -1
+    fed: int = 0
+    """Cache positions written (or being written by a launched step); the next position fed."""
+    finish_reason: str | None = None
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: int
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    keep: bool
+    """Keep the finished request until completions() collects it."""
+    sequences: list[_Sequence] = field(default_factory=list)
+    unfinished: int = 0
+
+
+@dataclass
+class _Launched:
+    """A decode step whose sampled tokens have not been read yet."""
+    rows: list[tuple[int, _Sequence]]
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    event: torch.cuda.Event | None
+
+
+class Engine:
+    """Continuous-batching generation over one model and one KV cache.
+
+    Cache size: `num_slots` × `max_len` positions. Give both, or `kv_cache_bytes` with one of them (the other
+    is derived); with neither, max_len = min(model max positions, 4096) and the slots fill half the free
+    GPU memory (at most 512), or 16 slots on CPU.
+    prefill_tokens: padded tokens per prefill forward; prefill_chunk: longest piece of one prompt per forward.
+    cuda_graphs: capture the decode step (CUDA only; default on). lookahead: 0 or 1 (default 1 on CUDA).
+    fast_decode: decode dense GQA models with fused kernels (fast_decode.py; default on CUDA with Triton;
+    True on CPU runs the same structure with plain torch ops, for tests).
+    """
+
+    def __init__(self, model, *, num_slots: int | None = None, max_len: int | None = None,
+                 kv_cache_bytes: int | None = None, cache_dtype: torch.dtype | None = None,
+                 prefill_tokens: int | None = None, prefill_chunk: int | None = None,
+                 cuda_graphs: bool | None = None, lookahead: int | None = None, fast_decode: bool | None = None):
+        self.model, self.args = model, model.args
+        self.options: dict = {}  # what generate() built this engine with (it reuses it for the same options)
+        weight = model.lm_head.weight
+        self.device, dtype = weight.device, cache_dtype or weight.dtype
+        cuda = self.device.type == "cuda"
+        num_slots, max_len = self._cache_shape(num_slots, max_len, kv_cache_bytes, dtype, cuda)
+        self.num_slots, self.max_len = num_slots, max_len
+        self.prefill_tokens = prefill_tokens or (16384 if cuda else 2048)
+        self.prefill_chunk = min(prefill_chunk or 2048, self.prefill_tokens)
+        self.lookahead = (1 if cuda else 0) if lookahead is None else lookahead
+        with torch.inference_mode():
+            self.cache = KVCache(self.args, num_slots, max_len, dtype, self.device)
+            self.tokens = torch.zeros(num_slots, dtype=torch.long, device=self.device)  # next input per slot
+            self.positions = torch.zeros(num_slots, dtype=torch.long, device=self.device)
+        self.generator = torch.Generator(self.device).manual_seed(0)  # torch sampler
+        self.seed_generator = torch.Generator().manual_seed(0)  # per-step seeds of the fused GPU sampler
+        if fast_decode is None:
+            fast_decode = cuda and fast_decode_module_ready()
+        self.fast = fast_decode_module.FastDecoder(model, self.cache, use_triton=cuda) \
+            if fast_decode and fast_decode_module.supported(model) else None
+        use_graphs = cuda if cuda_graphs is None else cuda_graphs and cuda
+        self.graphs = DecodeGraphs(self._decode_into, num_slots, self.args.vocab_size, weight.dtype,
+                                   self.device) if use_graphs else None
+        self.slots: list[_Sequence | None] = [None] * num_slots
+        self.free_slots = list(range(num_slots))  # a min-heap: the lowest free slot is taken first
+        self.waiting: deque[_Sequence] = deque()
+        self.requests: dict[int, _Request] = {}
+        self.inflight: deque[_Launched] = deque()
+        self.running = 0  # sequences holding a slot
+        self.unfinished = 0  # sequences not finished (waiting or running)
+        self.stats = EngineStats()
+        self._next_request_id = 0
+        self._row_params: RowParams | None = None  # rebuilt when the batch composition changes
+        self._running_params: dict[int, int] = {}  # id(SamplingParams) → running sequences using it
+        self._uniform_params: dict[tuple[int, int], tuple[SamplingParams, RowParams]] = {}
+        self._restore_training = False
+
+    def _cache_shape(self, num_slots, max_len, budget, dtype, cuda) -> tuple[int, int]:
+        per_token = KVCache.bytes_per_token(self.args, dtype)
+        if num_slots and max_len:
+            return num_slots, max_len
+        if max_len is None and num_slots and budget:
+            max_len = budget // (num_slots * per_token)
+            if max_len < 1:
+                raise ValueError(f"a KV cache budget of {budget} bytes cannot hold {num_slots} slots")
+            return num_slots, max_len
+        max_len = max_len or min(self.args.max_position_embeddings, 4096)
+        if budget is None:
+            if not cuda:
+                return num_slots or 16, max_len
+            budget = torch.cuda.mem_get_info(self.device)[0] // 2
+        num_slots = num_slots or min(512, budget // (max_len * per_token))
+        if num_slots < 1:
+            raise ValueError(f"a KV cache budget of {budget} bytes cannot hold one sequence of {max_len} positions")
+        return num_slots, max_len
+
+    # ------------------------------------------------------------------ public interface
+    def add_request(self, prompt: list[int], params: SamplingParams, keep: bool = False) -> int:
+        """Queue params.n samples of `prompt`; returns the request id used in StreamEvents.
+
+        keep=False: the engine forgets the request once all its samples finished (a streaming consumer has
+        everything from the events); keep=True: it stays until `completions(request_id)` collects it."""
+        prompt = [int(t) for t in prompt]
+        self._check_prompt(prompt, params, "prompt")
+        if params.seed is not None and not self.has_unfinished():
+            self.seed(params.seed)
+        stop = self.args.stop_token_ids if params.stop_token_ids is None else params.stop_token_ids
+        request = _Request(self._next_request_id, prompt, params, frozenset(stop), keep)
+        self._next_request_id += 1
+        request.sequences = [_Sequence(request, i) for i in range(params.n)]
+        self.requests[request.request_id] = request
+        if params.max_new_tokens == 0:
+            for seq in request.sequences:
+                seq.finish_reason = "length"
+        else:
+            request.unfinished = params.n
+            self.unfinished += params.n
+            self.waiting.extend(request.sequences)
+        return request.request_id
+
+    def step(self) -> list[StreamEvent]:
+        """Admit waiting sequences, launch one decode step, return the tokens that became known."""
+        return self._step(emit=True)
+
+    def has_unfinished(self) -> bool:
+        return self.unfinished > 0
+
+    def abort(self, request_id: int) -> None:
+        """Stop every sample of a request now (finish_reason 'abort'); its slots are freed. Unknown or
+        already finished and forgotten requests are ignored."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        for seq in request.sequences:
+            if seq.finish_reason is None:
+                if seq.slot < 0:
+                    self.waiting.remove(seq)
+                self._finish(seq, "abort")
+
+    def completions(self, request_id: int, forget: bool = True) -> list[Completion]:
+        """The n completions of a finished request (forget=True drops the engine's record of it)."""
+        request = self.requests.pop(request_id) if forget else self.requests[request_id]
+        return [Completion(request_id, s.sample_index, s.token_ids, s.logprobs, s.finish_reason or "abort")
+                for s in request.sequences]
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """len(prompts) * n completions, prompt-major; prompt_index is the position in `prompts`."""
+        for i, prompt in enumerate(prompts):
+            self._check_prompt(list(prompt), params, f"prompt {i}")
+        if params.seed is not None and not self.has_unfinished():
+            self.seed(params.seed)
+        ids = [self.add_request(p, params, keep=True) for p in prompts]
+        while self.unfinished:
+            self._step(emit=False)
+        while self.inflight:  # a wasted lookahead step may still be in flight
+            self._step(emit=False)
+        out = []
+        for index, request_id in enumerate(ids):
+            for c in self.completions(request_id):
+                c.prompt_index = index
+                out.append(c)
+        return out
+
+    def seed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+        self.seed_generator.manual_seed(seed)
+
+    def reset_graphs(self) -> None:
+        """Forget captured graphs (needed only if the model's parameter tensors were replaced)."""
+        if self.graphs is not None:
+            self.graphs.clear()
+
+    # ------------------------------------------------------------------ validation
+    def _check_prompt(self, prompt: list[int], params: SamplingParams, name: str) -> None:
+        if not prompt:
+            raise ValueError(f"{name} is empty: a prompt needs at least one token")
+        if min(prompt) < 0 or max(prompt) >= self.args.vocab_size:
+            raise ValueError(f"{name} has token ids outside [0, {self.args.vocab_size})")
+        if len(prompt) + params.max_new_tokens > self.max_len:
+            raise ValueError(
+                f"{name} has {len(prompt)} tokens + max_new_tokens {params.max_new_tokens} = "
+                f"{len(prompt) + params.max_new_tokens} positions, more than the KV cache's {self.max_len} per "
+                "sequence; shorten it, lower max_new_tokens, or build the Engine with a larger max_len")
+
+    # ------------------------------------------------------------------ the step
+    def _step(self, emit: bool) -> list[StreamEvent]:
+        if self.model.training:  # MoE layers count expert loads in training mode: keep them out of rollouts
+            self.model.eval()
+            self._restore_training = True
+        with torch.inference_mode():
+            self._admit()
+            self._compact()
+            if self.running:
+                self._launch_decode()
+            events: list[StreamEvent] = []
+            while self.inflight and (len(self.inflight) > self.lookahead or not self.running):
+                self._process(self.inflight.popleft(), events if emit else None)
+        if self._restore_training and not self.has_unfinished() and not self.inflight:
+            self.model.train()
+            self._restore_training = False
+        return events
+
+    def _admit(self) -> None:
+        admitted: list[_Sequence] = []
+        while self.waiting and self.free_slots:
+            seq = self.waiting.popleft()
+            seq.slot = heapq.heappop(self.free_slots)
+            self.slots[seq.slot] = seq
+            admitted.append(seq)
+        if not admitted:
+            return
+        prefill: list[_Sequence] = []
+        copies: list[tuple[int, int]] = []  # (source slot, destination slot)
+        donors: dict[int, int] = {}  # request id → a slot holding the prompt's K/V
+        new = set(admitted)
+        for seq in admitted:
+            req = seq.request
+            if req.request_id not in donors:
+                # a running sibling's first len-1 rows are the prompt's K/V (it only writes past them)
+                donor = next((s for s in req.sequences if s.slot >= 0 and s.finish_reason is None and s not in new),
+                             None)
+                if donor is None:
+                    prefill.append(seq)
+                    donors[req.request_id] = seq.slot
+                    continue
+                donors[req.request_id] = donor.slot
+            copies.append((donors[req.request_id], seq.slot))
+        self._prefill(prefill)
+        if copies:
+            longest = max(len(self.slots[dst].request.prompt) - 1 for _, dst in copies)
+            self._copy_slots([s for s, _ in copies], [d for _, d in copies], longest)
+            self.stats.slot_copies += len(copies)
+        # every admitted sequence feeds the prompt's last token at position len-1 next
+        slots = [s.slot for s in admitted]
+        last = [s.request.prompt[-1] for s in admitted]
+        pos = [len(s.request.prompt) - 1 for s in admitted]
+        index = device_tensor(slots, torch.long, self.device)
+        self.tokens[index] = device_tensor(last, torch.long, self.device)
+        self.positions[index] = device_tensor(pos, torch.long, self.device)
+        for seq, p in zip(admitted, pos):
+            seq.fed = p
+            key = id(seq.request.params)
+            self._running_params[key] = self._running_params.get(key, 0) + 1
+        self.running += len(admitted)
+        self._row_params = None
+
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        """Write the K/V of each sequence's prompt[:-1] into its slot: right-padded batches, long prompts chunked."""
+        work = [[s.slot, s.request.prompt[:-1], 0] for s in seqs if len(s.request.prompt) > 1]
+        while work:
+            batch, width = [], 0
+            for item in work:
+                piece = min(len(item[1]) - item[2], self.prefill_chunk)
+                if batch and (len(batch) + 1) * max(width, piece) > self.prefill_tokens:
+                    break
+                batch.append(item)
+                width = max(width, piece)
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            positions = torch.empty(len(batch), width, dtype=torch.long)
+            kv_len = 0
+            for row, (slot, tokens, start) in enumerate(batch):
+                piece = min(len(tokens) - start, width)
+                ids[row, :piece] = torch.tensor(tokens[start : start + piece])
+                # padding continues the positions (stale entries past the end are harmless); clamped into
+                # the cache, where it can't hit a real prompt position (those end at max_len - 2 at most)
+                positions[row] = torch.arange(start, start + width).clamp_(max=self.max_len - 1)
+                kv_len = max(kv_len, start + piece)
+            slot_ids = [item[0] for item in batch]
+            self.model.forward_hidden(self._upload(ids), self._upload(positions), cache=self.cache,
+                                      slot_ids=device_tensor(slot_ids, torch.long, self.device), kv_len=kv_len)
+            self.stats.prefill_forwards += 1
+            for item in batch:
+                done = min(len(item[1]) - item[2], width)
+                item[2] += done
+                self.stats.prefill_tokens += done
+            work = [item for item in work if item[2] < len(item[1])]
+
+    def _upload(self, t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
+    def _copy_slots(self, src: list[int], dst: list[int], length: int) -> None:
+        """Copy cache positions [:length] of slots `src` into slots `dst` (disjoint), in every layer."""
+        if length <= 0:
+            return
+        s, d = device_tensor(src, torch.long, self.device), device_tensor(dst, torch.long, self.device)
+        for layer in self.cache.layers:
+            if self.cache.is_mla:
+                layer[d, :length] = layer[s, :length]
+            else:
+                layer[:, d, :length] = layer[:, s, :length]
+
+    def _compact(self) -> None:
+        """Move sequences from the highest slots into the lowest free ones when that shrinks the batch bucket."""
+        if not self.running:
+            return
+        top = max(i for i, s in enumerate(self.slots) if s is not None) + 1
+        target = batch_bucket(self.running)
+        if batch_bucket(top) <= target:
+            return
+        moves = []
+        for slot in range(top - 1, target - 1, -1):
+            seq = self.slots[slot]
+            if seq is None:
+                continue
+            new = heapq.heappop(self.free_slots)
+            moves.append((slot, new, seq))
+        self._copy_slots([m[0] for m in moves], [m[1] for m in moves], max(m[2].fed for m in moves))
+        src = device_tensor([m[0] for m in moves], torch.long, self.device)
+        dst = device_tensor([m[1] for m in moves], torch.long, self.device)
+        self.tokens[dst] = self.tokens[src]
+        self.positions[dst] = self.positions[src]
+        for old, new, seq in moves:
+            self.slots[old], self.slots[new], seq.slot = None, seq, new
+            heapq.heappush(self.free_slots, old)
+        self.stats.compaction_moves += len(moves)
+        self._row_params = None
+
+    def _launch_decode(self) -> None:
+        rows = [(i, s) for i, s in enumerate(self.slots) if s is not None]
+        batch = rows[-1][0] + 1
+        kv_len = min(max(s.fed for _, s in rows) + 1, self.max_len)
+        logits = None
+        if self.graphs is not None:
+            batch, kv_len = batch_bucket(batch), kv_bucket(kv_len, self.max_len)
+            batch = min(batch, self.num_slots)
+            logits = self.graphs.run(batch, kv_len)
+        if logits is None:
+            logits = self._decode_logits(batch, kv_len)
+        rp = self._row_params_for(rows, batch)
+        if rp.plain and fused_sampling.available(logits):
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.seed_generator))
+            tokens, logprobs = fused_sampling.gumbel_max_sample(logits, rp.temperature_or_zero, seed)
+        else:
+            tokens, logprobs = sample(logits, rp, self.generator)
+        self.tokens[:batch] = tokens
+        self.positions[:batch] = (self.positions[:batch] + 1).clamp_(max=self.max_len - 1)
+        event = None
+        if self.device.type == "cuda":  # async copy into pinned memory; _process waits on the event
+            tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True).copy_(tokens, non_blocking=True)
+            logprobs = torch.empty(logprobs.shape, pin_memory=True).copy_(logprobs, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self.inflight.append(_Launched(rows, tokens, logprobs, event))
+        for _, s in rows:
+            s.fed += 1
+        self.stats.decode_steps += 1
+        self.stats.decode_rows += batch
+
+    def _row_params_for(self, rows: list[tuple[int, _Sequence]], batch: int) -> RowParams:
+        """Per-row sampling settings; when every running sequence shares one SamplingParams (generate()) they
+        are cached per batch size, so composition changes cost nothing."""
+        if len(self._running_params) == 1:
+            params = rows[0][1].request.params
+            key = (id(params), batch)
+            if key not in self._uniform_params:
+                if len(self._uniform_params) > 64:
+                    self._uniform_params.clear()
+                self._uniform_params[key] = (params, RowParams([params] * batch, self.args.vocab_size, self.device))
+            return self._uniform_params[key][1]
+        if self._row_params is None or self._row_params.batch != batch:
+            per_row: list[SamplingParams | None] = [None] * batch
+            for i, s in rows:
+                per_row[i] = s.request.params
+            self._row_params = RowParams(per_row, self.args.vocab_size, self.device)
+        return self._row_params
+
+    def _decode_logits(self, batch: int, kv_len: int) -> torch.Tensor:
+        """Eager decode step over cache rows 0..batch-1 → logits [batch, V]."""
+        if self.fast is not None:
+            out = torch.empty(batch, self.args.vocab_size, dtype=self.model.lm_head.weight.dtype, device=self.device)
+            self.fast(self.tokens[:batch], self.positions[:batch], kv_len, out)
+            return out
+        return self.model(self.tokens[:batch, None], self.positions[:batch, None], cache=self.cache,
+                          kv_len=kv_len)[:, 0]
+
+    def _decode_into(self, batch: int, kv_len: int, out: torch.Tensor) -> None:
+        """The captured decode step: reads the persistent token/position buffers, writes logits into `out`."""
+        if self.fast is not None:
+            self.fast(self.tokens[:batch], self.positions[:batch], kv_len, out)
+            return
+        hidden = self.model.forward_hidden(self.tokens[:batch, None], self.positions[:batch, None],
+                                           cache=self.cache, kv_len=kv_len)
+        torch.matmul(self.model.model.norm(hidden[:, 0]), self.model.lm_head.weight.t(), out=out)
+
+    def _process(self, launched: _Launched, events: list[StreamEvent] | None) -> None:
+        if launched.event is not None:
+            launched.event.synchronize()
+        tokens, logprobs = launched.tokens.tolist(), launched.logprobs.tolist()
+        for row, seq in launched.rows:
+            if seq.finish_reason is not None:
+                continue  # finished in an earlier step: this was a wasted lookahead row
+            token = tokens[row]
+            seq.token_ids.append(token)
+            seq.logprobs.append(logprobs[row])
+            req = seq.request
+            reason = "stop" if token in req.stop_ids else (
+                "length" if len(seq.token_ids) >= req.params.max_new_tokens else None)
+            if reason:
+                self._finish(seq, reason)
+            if events is not None:
+                events.append(StreamEvent(req.request_id, seq.sample_index, [token], [logprobs[row]],
+                                          reason is not None, reason))
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        seq.request.unfinished -= 1
+        self.unfinished -= 1
+        if not seq.request.unfinished and not seq.request.keep:
+            self.requests.pop(seq.request.request_id, None)
+        if seq.slot >= 0:
+            self.slots[seq.slot] = None
+            heapq.heappush(self.free_slots, seq.slot)
+            seq.slot = -1
+            self.running -= 1
+            self._row_params = None
+            key = id(seq.request.params)
+            self._running_params[key] -= 1
+            if not self._running_params[key]:
+                del self._running_params[key]

@@ -1,0 +1,128 @@
+"""Sampling parameters and the on-device token sampler.
+
+Every row of a decode batch may carry its own temperature / top-k / top-p (the server mixes requests), so
+the sampler takes per-row tensors built once per batch composition (`RowParams`), and skips the stages no
+row needs (no sort over the vocabulary unless some row uses top-p).
+
+Draws use the Gumbel-max trick: argmax(logits / T - log E) with E ~ Exp(1) is a sample from
+softmax(logits / T); masked (-inf) entries can never win. All of it stays on the device: no host sync.
+
+The returned log-probability is the one GRPO uses as π_old: log_softmax of the *raw* logits (temperature 1,
+no truncation) at the sampled token, whatever temperature / top-k / top-p shaped the draw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy (argmax)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1.0 = off)."""
+    top_k: int | None = None
+    """Keep only the k most likely tokens (0 or None = off)."""
+    max_new_tokens: int = 256
+    """Most tokens to generate per sample (a sampled stop token counts)."""
+    stop_token_ids: list[int] | None = None
+    """None: the model's EOS ids. A list, even an empty one, is used exactly as given."""
+    n: int = 1
+    """Samples per prompt; they share the prompt's prefill."""
+    seed: int | None = None
+    """Seeds the engine's generator when the engine is idle (see Engine for what is reproducible)."""
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"SamplingParams.top_k must be >= 0 or None, got {self.top_k}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"SamplingParams.max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.n < 1:
+            raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without a host sync (pinned staging + async copy on CUDA)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+class RowParams:
+    """Per-row sampling settings of one decode batch, as device tensors plus host-side flags.
+
+    rows: the SamplingParams of rows 0..B-1 (None for an idle row, which is sampled greedily and ignored).
+    """
+
+    def __init__(self, rows: list[SamplingParams | None], vocab_size: int, device: torch.device):
+        params = [p or _IDLE for p in rows]
+        self.batch = len(params)
+        self.all_greedy = all(p.greedy for p in params)
+        self.any_greedy = any(p.greedy for p in params)
+        temps = [p.temperature if not p.greedy else 1.0 for p in params]
+        self.uniform_temperature = temps[0] if len(set(temps)) == 1 else None
+        self.temperature = device_tensor(temps, torch.float32, device)[:, None]  # [B, 1]
+        ks = [p.top_k if p.top_k and p.top_k < vocab_size and not p.greedy else 0 for p in params]
+        self.max_top_k = max(ks)
+        self.top_k = device_tensor([k or vocab_size for k in ks], torch.long, device)  # [B]
+        ps = [p.top_p if not p.greedy else 1.0 for p in params]
+        self.any_top_p = any(p < 1.0 for p in ps)
+        self.top_p = device_tensor(ps, torch.float32, device)[:, None]  # [B, 1]
+        self.greedy_rows = device_tensor([p.greedy for p in params], torch.bool, device)  # [B]
+        self.temperature_or_zero = device_tensor([p.temperature for p in params], torch.float32, device)
+
+    @property
+    def plain(self) -> bool:
+        """No row truncates the distribution (temperature and greedy only): what the fused GPU sampler handles."""
+        return self.max_top_k == 0 and not self.any_top_p
+
+
+_IDLE = SamplingParams(temperature=0.0)
+
+
+def processed_scores(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
+    """logits [B, V] fp32 → scores [B, V] whose softmax is the distribution rows are sampled from:
+    logits / T, with entries outside the top-k and outside the nucleus set to -inf."""
+    scores = logits if rows.uniform_temperature == 1.0 else logits / rows.temperature
+    if rows.max_top_k:
+        kth = scores.topk(rows.max_top_k, dim=-1).values  # [B, kmax], descending
+        # rows without top-k use k = V: index clamps to kmax-1 and the threshold is replaced by -inf
+        threshold = kth.gather(1, (rows.top_k.clamp(max=rows.max_top_k) - 1)[:, None])
+        threshold = torch.where(rows.top_k[:, None] >= logits.shape[-1], float("-inf"), threshold)
+        scores = scores.masked_fill(scores < threshold, float("-inf"))
+    if rows.any_top_p:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        probs = sorted_scores.softmax(dim=-1)
+        # a token stays if the mass strictly before it is < top_p (so the most likely token always stays)
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop_sorted = mass_before >= rows.top_p
+        drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores
+
+
+def sample(logits: torch.Tensor, rows: RowParams, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] (any float dtype) → (tokens [B] long, logprobs [B] fp32 under log_softmax(logits))."""
+    logits = logits.float()
+    if rows.all_greedy:
+        tokens = logits.argmax(dim=-1)
+    else:
+        scores = processed_scores(logits, rows)
+        # log E with E = -log U ~ Exp(1) (uniform draws are ~7x cheaper than exponential_ on CPU). U = 0 gives
+        # log E = +inf, so that entry scores -inf and can't win; no NaN is possible.
+        log_e = torch.rand(scores.shape, generator=generator, device=scores.device).log_().neg_().log_()
+        tokens = (scores - log_e).argmax(dim=-1)
+        if rows.any_greedy:
+            tokens = torch.where(rows.greedy_rows, logits.argmax(dim=-1), tokens)
+    logprobs = logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    return tokens, logprobs
