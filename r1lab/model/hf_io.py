@@ -226,6 +226,10 @@ def save(model: Transformer, path: str | Path, max_shard_bytes: int = 5 * 2**30,
         _write_shards(state, tmp, max_shard_bytes)
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
+        # mkdtemp makes a private dir; a checkpoint is meant to be shared and read like any HF folder.
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

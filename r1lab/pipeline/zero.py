@@ -1,0 +1,126 @@
+"""`r1lab zero`: R1-Zero — pure RL (GRPO with rule rewards) from a base model, with a before/after table.
+
+With no arguments: the embedded tiny DeepSeek-V3-architecture base (r1lab/assets/r1-tiny, pretrained by
+`r1lab pretrain --recipe recipes/pretrain-tiny.yaml`), reasoning-gym chain_sum, the R1-Zero template.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from r1lab.train.grpo import GRPOConfig, train_grpo
+from r1lab.train.run_dir import RunDir
+
+
+@dataclass
+class EvalConfig:
+    k: int = 8
+    """Samples per held-out question (pass@1 is their mean; R1 uses 4-64)."""
+    temperature: float = 0.6
+    """R1's evaluation temperature."""
+    top_p: float = 0.95
+    """R1's evaluation nucleus."""
+    max_new_tokens: int = 160
+    """Completion limit at evaluation."""
+    seed: int = 1234
+
+
+@dataclass
+class ZeroConfig:
+    model: str | None = None
+    """HF model folder with its tokenizer; None = the embedded default (r1lab/assets/r1-tiny)."""
+    grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(lr=5e-4, steps=60, max_new_tokens=96))
+    """The RL run (task, rewards, objective, batch shape, optimizer)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation before and after RL (R1 protocol)."""
+
+
+REPORTED = ("pass@1", "cons@k", "response_length", "format_rate")
+
+
+def run_zero(cfg: ZeroConfig, run_dir: RunDir, *, resume: bool = False, progress: bool = True) -> dict:
+    """Evaluate the base, run GRPO, evaluate again; writes summary.json and report.html. Returns the summary."""
+    from r1lab.eval.report import write_report
+    from r1lab.eval.runner import evaluate
+    from r1lab.serve import load_model_and_tokenizer
+    from r1lab.tasks import load_task
+
+    g = cfg.grpo
+    dtype = "float32" if g.dtype == "float32" else g.dtype
+    model, tok = load_model_and_tokenizer(cfg.model, device=g.device, dtype=dtype)
+    t = g.task
+    held_out = load_task(t.name, split="test", size=t.test_size, seed=t.seed, **t.options)
+
+    def measure(tag: str) -> dict:
+        summary, _ = evaluate(model, tok, held_out, template=t.template, k=cfg.eval.k, temperature=cfg.eval.temperature,
+                              top_p=cfg.eval.top_p, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.eval.seed,
+                              progress=False, out_path=run_dir.path / "eval" / f"{tag}.jsonl", name=tag)
+        return summary
+
+    t0 = time.time()
+    before = _load_before(run_dir) if resume else None
+    if before is None:
+        before = measure("before")
+        run_dir.write_summary({"before": before})
+    train_grpo(g, run_dir, model, tok, resume=resume, on_step=_progress(g.steps) if progress else None)
+    after = measure("after")
+    from r1lab import model as rm
+
+    rm.save(model, run_dir.path / "model")
+    tok.save(run_dir.path / "model")
+    summary = {"before": before, "after": after, "task": t.name, "steps": g.steps, "seconds": round(time.time() - t0, 1)}
+    run_dir.write_summary(summary)
+    write_report(run_dir.path)
+    return summary
+
+
+def _load_before(run_dir: RunDir) -> dict | None:
+    import json
+
+    path = run_dir.path / "summary.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("before")
+
+
+def _progress(total: int):
+    """A live rich progress bar whose description carries the latest reward, accuracy and length."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.description}"))
+    task = bar.add_task("", total=total)
+    bar.start()
+
+    def on_step(step: int, m: dict) -> None:
+        desc = (f"reward {m.get('reward', 0):.2f}  acc {m.get('accuracy', 0):.2f}  fmt {m.get('format_rate', 0):.2f}  "
+                f"len {m.get('response_length', 0):.0f}  {m.get('time/step', 0):.1f}s/step")
+        bar.update(task, completed=step + 1, description=desc)
+        if step + 1 >= total:
+            bar.stop()
+
+    return on_step
+
+
+def print_table(summary: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"R1-Zero on {summary.get('task', '')}: held-out, R1 protocol")
+    for col in ("metric", "before", "after", "change"):
+        table.add_column(col, justify="right" if col != "metric" else "left")
+    for key in REPORTED:
+        b, a = summary["before"].get(key), summary["after"].get(key)
+        if b is None or a is None:
+            continue
+        table.add_row(key, f"{b:.3f}", f"{a:.3f}", f"{a - b:+.3f}")
+    console.print(table)
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / f"zero-{time.strftime('%Y%m%d-%H%M%S')}"
