@@ -100,15 +100,17 @@ class RoutedExperts(nn.Module):
         counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         xs = x[tokens]
-        h = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offsets)
+        # .to(x.dtype): under autocast the fp32 master weights meet bf16 activations (grouped_mm is not autocast)
+        h = torch._grouped_mm(xs, self.gate_up_proj.to(x.dtype).transpose(1, 2), offs=offsets)
         gate, up = h.chunk(2, dim=-1)
-        y = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
+        y = torch._grouped_mm(F.silu(gate) * up, self.down_proj.to(x.dtype).transpose(1, 2), offs=offsets)
         y = y * gates.flatten()[order, None].to(y.dtype)
         return torch.zeros_like(x).index_add_(0, tokens, y)
 
 
 def grouped_mm_available(x: torch.Tensor) -> bool:
-    return hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
+    bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16)
+    return hasattr(torch, "_grouped_mm") and x.is_cuda and bf16
 
 
 class MoE(nn.Module):
@@ -126,6 +128,8 @@ class MoE(nn.Module):
         flat = x.reshape(-1, d)
         gates, ids, scores = self.gate(flat)
         use_grouped = self.impl == "grouped" or (self.impl == "auto" and grouped_mm_available(flat))
+        if use_grouped and torch.is_autocast_enabled("cuda"):
+            flat = flat.to(torch.get_autocast_dtype("cuda"))
         routed = (self.experts.forward_grouped if use_grouped else self.experts.forward_loop)(flat, ids, gates)
         if self.training:
             with torch.no_grad():

@@ -25,6 +25,14 @@ PRESETS: dict[str, dict] = {
         n_group=1, topk_group=1, routed_scaling_factor=1.0, first_k_dense_replace=1, num_nextn_predict_layers=1,
         max_position_embeddings=512,
     ),
+    # The larger GPU base of the R1-Zero demo: ~58M total / ~15M active parameters, same architecture.
+    "r1-small": dict(
+        model_type="deepseek_v3", vocab_size=640, hidden_size=384, intermediate_size=1024, num_hidden_layers=8,
+        num_attention_heads=8, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=48, qk_rope_head_dim=16,
+        v_head_dim=48, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=384,
+        n_group=4, topk_group=2, routed_scaling_factor=1.0, first_k_dense_replace=1, num_nextn_predict_layers=1,
+        max_position_embeddings=512,
+    ),
     # Benchmark shapes (Qwen2.5 tables in the technical reference).
     "qwen2.5-0.5b": dict(
         model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,

@@ -61,6 +61,8 @@ class GRPOConfig:
     """Rollout temperature (R1: 1.0)."""
     top_p: float = 1.0
     """Rollout nucleus."""
+    stop_at_eos: bool = True
+    """Stop a completion at the tokenizer's stop tokens (False: always max_new_tokens, for benchmarks)."""
     epochs_per_rollout: int = 1
     """μ: passes over each rollout."""
     num_minibatches: int = 1
@@ -115,7 +117,7 @@ class Trainer:
         warm = max(1, cfg.warmup_steps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm))
         self.ref = self._snapshot() if cfg.objective.beta > 0 else None
-        self.stop_ids = tokenizer.stop_ids
+        self.stop_ids = tokenizer.stop_ids if cfg.stop_at_eos else []
         model.gradient_checkpointing = cfg.gradient_checkpointing
         self.step_index = 0
         self.last_samples: list[dict] = []

@@ -56,6 +56,7 @@ class PretrainConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    """float32, or bfloat16 (autocast matmuls over fp32 master weights; CUDA only)."""
     log_every: int = 50
 
 
@@ -94,8 +95,10 @@ def pretrain(cfg: PretrainConfig, run_dir: RunDir, log=print) -> Path:
 
     args = rm.ModelArgs(**{**cfg.model, "vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id,
                            "bos_token_id": tok.bos_id, "pad_token_id": tok.pad_id})
-    device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
-    model = rm.build(args, seed=cfg.seed).to(device=device, dtype=dtype).train()
+    device = torch.device(cfg.device)
+    # fp32 master weights; "bfloat16" means bf16 autocast for the matmuls (CUDA), never bf16 weight updates.
+    model = rm.build(args, seed=cfg.seed).to(device=device).train()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16" and device.type == "cuda")
     log(f"model: {model.num_parameters():,} params ({model.num_parameters(active=True):,} active)")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
@@ -109,12 +112,13 @@ def pretrain(cfg: PretrainConfig, run_dir: RunDir, log=print) -> Path:
         inputs, targets = batch[:, :-1], batch[:, 1:]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        hidden = model.forward_hidden(inputs)
-        logits = model.logits(hidden).float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        total = loss
-        if cfg.mtp_weight and model.mtp:
-            total = total + cfg.mtp_weight * model.mtp_loss(hidden, inputs)
+        with autocast:
+            hidden = model.forward_hidden(inputs)
+            logits = model.logits(hidden).float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            total = loss
+            if cfg.mtp_weight and model.mtp:
+                total = total + cfg.mtp_weight * model.mtp_loss(hidden, inputs)
         aux = model.aux_loss()
         if aux is not None:
             total = total + aux
