@@ -33,14 +33,10 @@ import torch
 
 from r1lab.model import KVCache
 
-from . import fast_decode as fast_decode_module
 from . import fused_sampling
 from .cuda_graphs import DecodeGraphs, batch_bucket, kv_bucket
+from .fast_decode import FastDecoder, supported as fast_decode_supported, triton as _triton
 from .sampling import RowParams, SamplingParams, device_tensor, sample
-
-
-def fast_decode_module_ready() -> bool:
-    return fast_decode_module.triton is not None
 
 
 @dataclass
@@ -146,9 +142,9 @@ class Engine:
         self.generator = torch.Generator(self.device).manual_seed(0)  # torch sampler
         self.seed_generator = torch.Generator().manual_seed(0)  # per-step seeds of the fused GPU sampler
         if fast_decode is None:
-            fast_decode = cuda and fast_decode_module_ready()
-        self.fast = fast_decode_module.FastDecoder(model, self.cache, use_triton=cuda) \
-            if fast_decode and fast_decode_module.supported(model) else None
+            fast_decode = cuda and _triton is not None
+        use_fast = fast_decode and fast_decode_supported(model)
+        self.fast = FastDecoder(model, self.cache, use_triton=cuda) if use_fast else None
         use_graphs = cuda if cuda_graphs is None else cuda_graphs and cuda
         self.graphs = DecodeGraphs(self._decode_into, num_slots, self.args.vocab_size, weight.dtype,
                                    self.device) if use_graphs else None

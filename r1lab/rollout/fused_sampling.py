@@ -1,4 +1,4 @@
-"""One-pass GPU sampler (Triton): Gumbel-max draw + log-softmax of the drawn token, reading the logits once.
+"""Fused GPU sampler (Triton): Gumbel-max draw + log-softmax of the drawn token, reading the logits once.
 
 The plain torch sampler makes ~10 passes over the [B, V] logits (fp32 cast, noise, log, subtract, argmax,
 logsumexp); at batch 256 × 152k vocabulary that is ~2 GB of memory traffic per decode step, as much as the
