@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import r1lab.model as rm  # noqa: E402
 
 QUESTION = ("State the final answer to the following arithmetic problem: {a} + {b} - {c} = ? Think it through step by step "
-            "and write the reasoning inside think tags, then give only the number inside answer tags.")
+            "and write the reasoning inside think tags, then give only the number inside answer tags. Be careful with signs and double-check every partial sum before you answer.")
 PROMPTS = [QUESTION.format(a=11 * i + 3, b=7 * i + 5, c=i + 2) for i in range(16)]
 
 
@@ -32,7 +32,7 @@ def length_reward(completions, **_) -> list[float]:
     return [float(len(c) % 7) / 7 for c in completions]
 
 
-def bench_r1lab(model_dir: Path, steps: int) -> list[float]:
+def bench_r1lab(model_dir: Path, steps: int, data: str) -> list[float]:
     from r1lab.tasks import Problem, Task
     from r1lab.tokenizer import load_tokenizer
     from r1lab.train.grpo import GRPOConfig, TaskConfig, Trainer
@@ -40,7 +40,7 @@ def bench_r1lab(model_dir: Path, steps: int) -> list[float]:
 
     tok = load_tokenizer(model_dir)
     model = rm.load(model_dir, dtype=torch.bfloat16, device="cuda").train()
-    cfg = GRPOConfig(task=TaskConfig(name="chain_sum", train_size=64, template="{question}"),
+    cfg = GRPOConfig(task=TaskConfig(name=data, train_size=64, template="{question}", options={"holdout_fraction": 0.2}),
                      rewards={"format": 1.0}, prompts_per_step=16, group_size=8, max_new_tokens=256,
                      stop_at_eos=False, steps=steps, lr=1e-6, device="cuda", dtype="bfloat16", micro_batch_tokens=16384)
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,6 +93,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokenizer", required=True, help="folder with the Qwen tokenizer.json + tokenizer_config.json")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--data", default="jsonl:.whl/chain_sum.jsonl", help="any task spec; the prompts are replaced")
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument("--out", default="grpo_step.json")
     a = p.parse_args()
@@ -105,7 +106,7 @@ def main():
         load_tokenizer(a.tokenizer).save(model_dir)
         for f in ("tokenizer.json", "tokenizer_config.json"):
             (model_dir / f).write_bytes((Path(a.tokenizer) / f).read_bytes())
-        result = {"gpu": torch.cuda.get_device_name(), "r1lab": bench_r1lab(model_dir, a.steps)}
+        result = {"gpu": torch.cuda.get_device_name(), "r1lab": bench_r1lab(model_dir, a.steps, a.data)}
         torch.cuda.empty_cache()
         if not a.skip_trl:
             try:

@@ -47,13 +47,12 @@ def run_zero(cfg: ZeroConfig, run_dir: RunDir, *, resume: bool = False, progress
     from r1lab.eval.report import write_report
     from r1lab.eval.runner import evaluate
     from r1lab.serve import load_model_and_tokenizer
-    from r1lab.tasks import load_task
 
     g = cfg.grpo
     dtype = "float32" if g.dtype == "float32" else g.dtype
     model, tok = load_model_and_tokenizer(cfg.model, device=g.device, dtype=dtype)
     t = g.task
-    held_out = load_task(t.name, split="test", size=t.test_size, seed=t.seed, **t.options)
+    held_out = t.load("test")
 
     def measure(tag: str) -> dict:
         summary, _ = evaluate(model, tok, held_out, template=t.template, k=cfg.eval.k, temperature=cfg.eval.temperature,

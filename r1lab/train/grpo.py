@@ -38,8 +38,20 @@ class TaskConfig:
     """Seed of the task generator."""
     template: str = "r1_zero"
     """Prompt template: r1_zero, chat, or a string with {question}."""
-    options: dict = field(default_factory=lambda: dict(min_terms=2, max_terms=4, min_digits=1, max_digits=2))
-    """Extra keyword arguments for the task source (e.g. reasoning-gym dataset config)."""
+    options: dict = field(default_factory=dict)
+    """Keyword arguments for the task source (reasoning-gym dataset config, jsonl field names,
+    holdout_fraction); empty means r1lab's default for that task (DEFAULT_TASK_OPTIONS)."""
+
+    def source_options(self) -> dict:
+        return dict(self.options) if self.options else dict(DEFAULT_TASK_OPTIONS.get(self.name, {}))
+
+    def load(self, split: str):
+        size = self.train_size if split == "train" else self.test_size
+        return load_task(self.name, split=split, size=size, seed=self.seed, **self.source_options())
+
+
+# The embedded default's difficulty: what the tiny base saw in pretraining (2-4 terms of 1-2 digits).
+DEFAULT_TASK_OPTIONS = {"chain_sum": dict(min_terms=2, max_terms=4, min_digits=1, max_digits=2)}
 
 
 @dataclass
@@ -101,8 +113,7 @@ class Trainer:
     def __init__(self, cfg: GRPOConfig, model, tokenizer, run_dir: RunDir):
         self.cfg, self.model, self.tok, self.run_dir = cfg, model, tokenizer, run_dir
         self.device = torch.device(cfg.device)
-        t = cfg.task
-        self.task = load_task(t.name, split="train", size=t.train_size, seed=t.seed, **t.options)
+        self.task = cfg.task.load("train")
         self.prompt_ids = {}  # problem index → token ids (rendered once)
         self.order = list(range(len(self.task.problems)))
         random.Random(cfg.seed).shuffle(self.order)
