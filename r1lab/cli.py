@@ -67,6 +67,82 @@ def pretrain(
     typer.echo(f"wrote {path}")
 
 
+_EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command(context_settings=_EXTRA_ARGS)
+def sft(
+    ctx: typer.Context,
+    recipe: Optional[Path] = typer.Option(None, help="YAML recipe with SFTConfig fields."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/sft-<time>); reuse it to resume."),
+):
+    """Supervised fine-tuning (R1 cold start / stage-3 SFT) on {prompt, completion} or {messages} JSONL.
+
+    Extra arguments are dotted overrides, e.g. `model=runs/pretrain-x/model data=cold_start.jsonl epochs=2`."""
+    from r1lab.config import load_config
+    from r1lab.train.sft import SFTConfig, train_sft
+
+    cfg = load_config(SFTConfig, recipe, ctx.args)
+    run_dir = out or _timestamped_run_dir("sft")
+    train_sft(cfg, run_dir)
+    typer.echo(f"wrote {Path(run_dir) / 'model'}")
+
+
+@app.command(context_settings=_EXTRA_ARGS)
+def sample(
+    ctx: typer.Context,
+    recipe: Optional[Path] = typer.Option(None, help="YAML recipe with RejectionConfig fields."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/sample-<time>)."),
+):
+    """Rejection sampling (R1 stage 3): k samples per task prompt, keep correct and clean ones → records.jsonl.
+
+    Extra arguments are dotted overrides, e.g. `model=runs/grpo-x/model task=chain_sum size=1000 k=8
+    filters.max_per_prompt=2 filters.language=en`."""
+    from r1lab.config import load_config
+    from r1lab.pipeline.rejection import RejectionConfig, run_rejection
+
+    cfg = load_config(RejectionConfig, recipe, ctx.args)
+    path = run_rejection(cfg, out or _timestamped_run_dir("sample"))
+    typer.echo(f"wrote {path}")
+
+
+@app.command("rm", context_settings=_EXTRA_ARGS)
+def reward_model(
+    ctx: typer.Context,
+    recipe: Optional[Path] = typer.Option(None, help="YAML recipe with RewardModelConfig fields."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/rm-<time>); reuse it to resume."),
+):
+    """Train a reward model (Bradley-Terry on {prompt, chosen, rejected}; procedural pairs when data is unset).
+
+    Extra arguments are dotted overrides, e.g. `model=runs/sft-x/model data=pairs.jsonl lr=1e-5`."""
+    from r1lab.config import load_config
+    from r1lab.train.reward_model import RewardModelConfig, train_reward_model
+
+    cfg = load_config(RewardModelConfig, recipe, ctx.args)
+    run_dir = out or _timestamped_run_dir("rm")
+    train_reward_model(cfg, run_dir)
+    typer.echo(f"wrote {Path(run_dir) / 'reward_model'}")
+
+
+@app.command(context_settings=_EXTRA_ARGS)
+def distill(
+    ctx: typer.Context,
+    recipe: Optional[Path] = typer.Option(None, help="YAML recipe with DistillConfig fields."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/distill-<time>); reuse it to resume."),
+):
+    """Distill a teacher's reasoning traces into a dense student of another size or architecture (SFT only).
+
+    Extra arguments are dotted overrides, e.g. `teacher=runs/r1/model student=tiny-dense
+    student_model.model_type=llama records=runs/sample-x/records.jsonl sft.epochs=2`."""
+    from r1lab.config import load_config
+    from r1lab.pipeline.distill import DistillConfig
+    from r1lab.pipeline.distill import distill as run
+
+    cfg = load_config(DistillConfig, recipe, ctx.args)
+    result = run(cfg, out or _timestamped_run_dir("distill"))
+    typer.echo(f"wrote {result.student_path}")
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def zero(
     ctx: typer.Context,
@@ -96,6 +172,27 @@ def zero(
     summary = run_zero(cfg, run_dir, resume=resume)
     print_table(summary)
     typer.echo(f"run directory: {run_dir.path} (summary.json, metrics.jsonl, report.html, model/)")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def pipeline(
+    ctx: typer.Context,
+    kind: str = typer.Argument("r1", help="zero, r1 or distill."),
+    recipe: Optional[Path] = typer.Option(None, help="YAML recipe overriding PipelineConfig fields."),
+    out: Optional[Path] = typer.Option(None, help="Run directory; rerunning the same command resumes it."),
+):
+    """The R1 recipe as resumable stages: zero, cold_start, reasoning_rl, rejection_sft, final_rl,
+    distill_student, rl_student. Each writes an HF checkpoint; finished stages are never rerun."""
+    from r1lab.config import load_config, to_dict
+    from r1lab.pipeline.r1 import Pipeline, PipelineConfig, print_stage_table
+    from r1lab.train.run_dir import RunDir
+
+    cfg = load_config(PipelineConfig, recipe, list(ctx.args))
+    run_dir = RunDir(out or _timestamped_run_dir(f"pipeline-{kind}"))
+    run_dir.write_config(to_dict(cfg))
+    summary = Pipeline(cfg, run_dir.path).run(kind)
+    print_stage_table(summary)
+    typer.echo(f"run directory: {run_dir.path} (summary.json, stages/, report.html)")
 
 
 @app.command("eval")

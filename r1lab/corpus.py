@@ -36,15 +36,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from r1lab.tasks.templates import R1_ZERO_TEMPLATE, r1_zero_prompt
 from r1lab.tokenizer import EOS_TOKEN
 
-R1_ZERO_TEMPLATE = (
-    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
-    "The assistant first thinks about the reasoning process in the mind and then provides the user with "
-    "the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> "
-    "</answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here "
-    "</answer>. User: {question}. Assistant:"
-)
+# One template for the corpus and the RL prompts: the base must see exactly what RL will show it.
 _TEMPLATE_HEAD = R1_ZERO_TEMPLATE.split("{question}")[0]
 _TEMPLATE_TAIL = R1_ZERO_TEMPLATE.split("{question}")[1]
 
@@ -127,11 +122,6 @@ def sample_problem(
     terms = tuple(rng.randint(low, high) for _ in range(num_terms))
     ops = tuple(rng.choice("+-") for _ in range(num_terms - 1))
     return ChainProblem(terms, ops)
-
-
-def r1_zero_prompt(question: str) -> str:
-    """The R1-Zero prompt (reference §1.4) around one question."""
-    return R1_ZERO_TEMPLATE.format(question=question)
 
 
 def make_document(prompt: str, completion: str) -> str:

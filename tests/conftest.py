@@ -3,8 +3,8 @@ import os
 import pytest
 import torch
 
-# Two CPU cores on CI: keep intra-op threads bounded so parallel tests do not thrash.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread: tiny test models gain nothing from more, and CI shares 2 cores with subprocesses.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from r1lab.rewards import compose_rewards
 from r1lab.rollout import SamplingParams, generate
 from r1lab.tasks import Problem, load_task, render_prompt
 from r1lab.train.batching import pack_sequences, split_minibatches, unpack_to_sequences
+from r1lab.train import distributed as D
 from r1lab.train.checkpoint import load_latest_checkpoint, restore, save_checkpoint
 from r1lab.train.grpo_math import Objective, dynamic_sampling_filter, group_advantages, overlong_filter_mask
 from r1lab.train.logprobs import token_logprobs
@@ -110,15 +111,22 @@ class Trainer:
     """Holds the policy, optimizer, data cursor and (if β > 0) the reference model; `step()` does one
     rollout + update and returns its metrics."""
 
-    def __init__(self, cfg: GRPOConfig, model, tokenizer, run_dir: RunDir):
+    def __init__(self, cfg: GRPOConfig, model, tokenizer, run_dir: RunDir, reward_models: dict | None = None,
+                 dist: D.DistInfo | None = None):
         self.cfg, self.model, self.tok, self.run_dir = cfg, model, tokenizer, run_dir
-        self.device = torch.device(cfg.device)
+        self.dist = dist or D.single_process(cfg.device)
+        if self.dist.is_distributed:  # shard before the optimizer sees the parameters
+            if cfg.objective.beta > 0:
+                raise NotImplementedError("a KL reference model is not supported with FSDP yet (beta must be 0)")
+            D.shard_model(model, self.dist)
+        self.device = self.dist.device if self.dist.is_distributed else torch.device(cfg.device)
+        self._policy = model  # what generate() runs on (the gathered replica under FSDP)
         self.task = cfg.task.load("train")
         self.prompt_ids = {}  # problem index → token ids (rendered once)
         self.order = list(range(len(self.task.problems)))
         random.Random(cfg.seed).shuffle(self.order)
         self.cursor = 0
-        self.reward = compose_rewards(cfg.rewards, task=self.task)
+        self.reward = compose_rewards(cfg.rewards, task=self.task, reward_models=reward_models)
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
         rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
         self.opt = torch.optim.AdamW(
@@ -162,11 +170,11 @@ class Trainer:
         cfg = self.cfg
         prompts = [self._prompt(i) for i in problem_ids]
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                                n=cfg.group_size, stop_token_ids=self.stop_ids, seed=seed)
+                                n=cfg.group_size, stop_token_ids=self.stop_ids, seed=seed + 104_729 * self.dist.rank)
         self.model.eval()
         t0 = time.perf_counter()
         with torch.no_grad():
-            comps = generate(self.model, prompts, params)
+            comps = generate(self._policy, prompts, params)
         t1 = time.perf_counter()
         texts = [self.tok.decode(c.token_ids, skip_special_tokens=True) for c in comps]
         problems = [self.task.problems[problem_ids[c.prompt_index]] for c in comps]
@@ -179,18 +187,24 @@ class Trainer:
         """Roll out prompts_per_step groups; with dynamic sampling, replace all-equal groups (bounded)."""
         cfg = self.cfg
         G = cfg.group_size
-        batch = self._rollout(self._next_problems(cfg.prompts_per_step), seed=cfg.seed * 1_000_003 + self.step_index)
-        stats = {"zero_variance_groups": self._zero_variance_share(batch)}
-        if cfg.objective.dynamic_sampling:
-            batch = self._keep_informative(batch)
-            for r in range(cfg.max_refill_rounds):
-                missing = cfg.prompts_per_step - len(batch["problem_ids"])
-                if missing <= 0:
-                    break
-                more = self._keep_informative(self._rollout(self._next_problems(missing), seed=self.step_index * 7919 + r + 1))
-                batch = _concat_rollouts(batch, more, G)
-            if not batch["problem_ids"]:
-                return batch, stats
+        # Every rank draws the same global prompts (the cursor stays in step) and keeps its whole-prompt share.
+        mine = D.rank_share(self._next_problems(cfg.prompts_per_step), self.dist)
+        target = len(mine)
+        with D.gathered_for_rollout(self.model, self.dist) as self._policy:
+            batch = self._rollout(mine, seed=cfg.seed * 1_000_003 + self.step_index)
+            stats = {"zero_variance_groups": self._zero_variance_share(batch) if batch["comps"] else 0.0}
+            if cfg.objective.dynamic_sampling:
+                batch = self._keep_informative(batch)
+                for r in range(cfg.max_refill_rounds):
+                    missing = target - len(batch["problem_ids"])
+                    most = D.max_across_ranks(missing, self.dist)
+                    if most <= 0:
+                        break
+                    draw = D.rank_share(self._next_problems(most * self.dist.world_size), self.dist)[:max(missing, 0)]
+                    if draw:
+                        more = self._keep_informative(self._rollout(draw, seed=self.step_index * 7919 + r + 1))
+                        batch = _concat_rollouts(batch, more, G)
+        self._policy = self.model
         return batch, stats
 
     def _zero_variance_share(self, batch: dict) -> float:
@@ -212,12 +226,13 @@ class Trainer:
         batch, stats = self._collect()
         comps, G = batch["comps"], cfg.group_size
         n_groups = len(batch["problem_ids"])
+        D.check_whole_groups([c.prompt_index for c in comps], G)  # so group advantages are rank-local
         metrics = self._rollout_metrics(batch) | stats
-        if n_groups == 0:
+        if D.sum_across_ranks(n_groups, self.dist) == 0:
             self.step_index += 1
-            return metrics | {"skipped": 1.0}
+            return D.all_reduce_metrics(metrics | {"skipped": 1.0}, self.dist)
         totals = torch.tensor([s["total"] for s in batch["scores"]], dtype=torch.float32)
-        adv = group_advantages(totals, G, **obj.advantage_kwargs())
+        adv = group_advantages(totals, G, **obj.advantage_kwargs()) if n_groups else totals
         counts = overlong_filter_mask([c.finish_reason for c in comps]) if obj.mask_truncated else None
         seqs = [batch["prompts"][c.prompt_index] + c.token_ids for c in comps]
         masks = [[0] * len(batch["prompts"][c.prompt_index]) + [1] * len(c.token_ids) for c in comps]
@@ -229,7 +244,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(cfg.seed * 31 + self.step_index)
         agg: dict[str, list[float]] = {}
         for _ in range(cfg.epochs_per_rollout):
-            for mb in split_minibatches(n_groups, G, num_minibatches=min(cfg.num_minibatches, n_groups * G), generator=gen):
+            for mb in D.minibatch_plan(n_groups, G, cfg.num_minibatches, self.dist, generator=gen):
                 self._update(mb, seqs, masks, adv, old_logp, ref_logp, counts, agg)
         if self.ref is not None and cfg.ref_reset_every and (self.step_index + 1) % cfg.ref_reset_every == 0:
             self.ref = self._snapshot()
@@ -248,14 +263,16 @@ class Trainer:
             for i in range(min(len(comps), 2 * G)) if i % G < 2
         ]
         self.step_index += 1
-        return metrics
+        return D.all_reduce_metrics(metrics, self.dist)
 
     def _update(self, mb, seqs, masks, adv, old_logp, ref_logp, counts, agg) -> None:
         cfg, obj = self.cfg, self.cfg.objective
         seq_masks = [torch.ones(len(old_logp[i])) if counts is None else torch.full((len(old_logp[i]),), float(counts[i])) for i in mb]
-        total_tokens = float(sum(m.sum() for m in seq_masks))
-        total_seqs = float(sum(1 for m in seq_masks if m.sum() > 0))
-        packs = _pack(self.cfg, [seqs[i] for i in mb], [masks[i] for i in mb])
+        # global totals + loss × world: FSDP's gradient mean over ranks is then the single-process gradient
+        total_tokens = D.sum_across_ranks(float(sum(m.sum() for m in seq_masks)), self.dist)
+        total_seqs = D.sum_across_ranks(float(sum(1 for m in seq_masks if m.sum() > 0)), self.dist)
+        packs = _pack(self.cfg, [seqs[i] for i in mb], [masks[i] for i in mb]) if mb else []
+        n_passes = D.max_across_ranks(len(packs), self.dist)  # every rank joins every FSDP collective
         self.opt.zero_grad(set_to_none=True)
         for pack in packs:
             pack = pack.to(self.device)
@@ -269,13 +286,16 @@ class Trainer:
             ref = None if ref_logp is None else pad_sequence([ref_logp[i] for i in rows], batch_first=True).to(self.device)
             loss, stats = _policy_loss(cur, old, adv[rows].to(self.device), mask, obj, ref, total_tokens, total_seqs)
             aux = self.model.aux_loss()
-            (loss + (aux if aux is not None else 0.0)).backward()
+            ((loss + (aux if aux is not None else 0.0)) * self.dist.world_size).backward()
             for k, v in stats.items():
                 agg.setdefault(k, []).append(float(v))
             agg.setdefault("entropy", []).append(float((ent.detach() * mask).sum() / mask.sum().clamp(min=1)))
             agg.setdefault("logprob_mismatch", []).append(float(((cur.detach() - old).abs() * mask).sum() / mask.sum().clamp(min=1)))
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        agg.setdefault("grad_norm", []).append(float(grad_norm))
+        for _ in range(n_passes - len(packs)):
+            D.dummy_backward(self.model, self.dist)
+        grad_norm = D.clip_grad_norm(self.model, cfg.grad_clip)
+        agg.setdefault("grad_norm", []).append(grad_norm)
+        D.all_reduce_expert_loads(self.model, self.dist)  # global loads: the same bias update on every rank
         balance = self.model.expert_load_balance()  # loads counted since the last bias update
         if balance is not None:
             agg.setdefault("expert_load_max_over_mean", []).append(balance)
@@ -314,6 +334,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
+        if self.dist.is_distributed:  # consolidated HF folder (rank 0) + sharded model/optimizer (every rank)
+            return D.save_checkpoint(self.run_dir.path, self.step_index, self.model, self.opt, self.sched, self.dist,
+                                     extra_state={"cursor": self.cursor, "order": self.order}, keep_last=2,
+                                     tokenizer=self.tok)
         path = save_checkpoint(self.run_dir.path, self.step_index, self.model, self.opt, self.sched,
                                extra_state={"cursor": self.cursor, "order": self.order}, keep_last=2)
         self.tok.save(path / "model")
@@ -324,7 +348,7 @@ class Trainer:
         if found is None:
             return False
         step, path = found
-        extra = restore(path, self.model, self.opt, self.sched)
+        extra = D.restore_checkpoint(path, self.model, self.opt, self.sched, self.dist)  # any process count
         self.cursor, self.order, self.step_index = extra["cursor"], list(extra["order"]), step
         if self.cfg.objective.beta > 0:
             self.ref = self._snapshot()  # a resumed run re-anchors KL at the restored policy
@@ -369,19 +393,24 @@ def _concat_rollouts(a: dict, b: dict, G: int) -> dict:
     return dict(out, comps=comps, t_rollout=a["t_rollout"] + b["t_rollout"], t_score=a["t_score"] + b["t_score"])
 
 
-def train_grpo(cfg: GRPOConfig, run_dir: RunDir, model, tokenizer, *, resume: bool = False, on_step=None) -> Trainer:
-    """Run cfg.steps GRPO steps (continuing a checkpointed run when resume=True); returns the Trainer."""
+def train_grpo(cfg: GRPOConfig, run_dir: RunDir, model, tokenizer, *, resume: bool = False, on_step=None,
+               reward_models: dict | None = None, dist: D.DistInfo | None = None) -> Trainer:
+    """Run cfg.steps GRPO steps (continuing a checkpointed run when resume=True); returns the Trainer.
+
+    reward_models: learned reward models by the name their term has in cfg.rewards (R1's final stage)."""
     torch.manual_seed(cfg.seed)
-    trainer = Trainer(cfg, model, tokenizer, run_dir)
-    if resume and trainer.resume():
+    trainer = Trainer(cfg, model, tokenizer, run_dir, reward_models=reward_models, dist=dist)
+    main = trainer.dist.is_main  # rank 0 alone writes logs (checkpoint saves are collective)
+    if resume and trainer.resume() and main:
         trainer.run_dir = run_dir = RunDir(run_dir.path, resume_step=trainer.step_index - 1)  # drop logs past it
     while trainer.step_index < cfg.steps:
         step = trainer.step_index
         metrics = trainer.step()
-        run_dir.log_metrics(step, metrics)
-        if cfg.sample_log_every and step % cfg.sample_log_every == 0:
+        if main:
+            run_dir.log_metrics(step, metrics)
+        if main and cfg.sample_log_every and step % cfg.sample_log_every == 0:
             run_dir.log_samples(step, trainer.last_samples)
-        if on_step is not None:
+        if on_step is not None and main:
             on_step(step, metrics)
         if cfg.save_every and trainer.step_index % cfg.save_every == 0 and trainer.step_index < cfg.steps:
             trainer.save()

@@ -1,0 +1,240 @@
+"""`r1lab pipeline zero|r1|distill`: R1's recipes as ordered, resumable stages (R1 §2.3-2.4).
+
+r1:   zero (R1-Zero from the base, the reference point)
+      cold_start      SFT of the base on readable zero-stage samples + written long CoT     → Dev1
+      reasoning_rl    GRPO from Dev1 with rule rewards + language consistency             → Dev2
+      rejection_sft   sample Dev2, keep correct, single-language, clean; SFT of the BASE   → Dev3
+      final_rl        GRPO from Dev3 with rule rewards + a learned reward model (summary)  → R1
+      distill_student SFT of a small dense student on the final model's filtered traces
+      rl_student      the same student trained with R1-Zero RL instead (the control)
+zero: the zero stage alone;  distill: the r1 stages through distill_student and rl_student.
+
+Every stage writes OUT/stages/<name>/ with its HF checkpoint (model/), its metrics and, last, done.json
+(its held-out numbers). A rerun of the same command skips stages with done.json and resumes an
+interrupted stage from its last checkpoint (GRPO and SFT checkpoint as they go).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import r1lab.model as rm
+from r1lab.train.grpo import GRPOConfig, TaskConfig, train_grpo
+from r1lab.train.run_dir import RunDir, atomic_write_text
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+STAGES = {
+    "zero": ["zero"],
+    "r1": ["zero", "cold_start", "reasoning_rl", "rejection_sft", "final_rl", "distill_student", "rl_student"],
+    "distill": ["zero", "cold_start", "reasoning_rl", "rejection_sft", "final_rl", "distill_student", "rl_student"],
+}
+METRICS = ("pass@1", "cons@k", "response_length", "format_rate", "mixed_language_rate")
+
+
+def _rl(**overrides) -> GRPOConfig:
+    base = dict(lr=5e-4, steps=40, max_new_tokens=96, save_every=10)
+    return GRPOConfig(**{**base, **overrides})
+
+
+@dataclass
+class PipelineConfig:
+    base: str | None = None
+    """Base model folder (with tokenizer); None = the embedded r1-tiny."""
+    student: str | None = None
+    """Student base folder (dense, smaller); None = the embedded r1-tiny-student (Qwen2 architecture)."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """Task for every RL stage, rejection sampling and the held-out evaluation."""
+    zero: GRPOConfig = field(default_factory=_rl)
+    """R1-Zero stage (and the rl_student control)."""
+    cold_start_examples: int = 100
+    """Written long-CoT demonstrations added to the readable zero-stage samples for cold start and to the
+    rejection-sampled data (R1: thousands of cold-start examples)."""
+    sft_epochs: int = 2
+    """Epochs of each SFT stage (R1 stage 3: 2)."""
+    sft_lr: float = 2e-4
+    """Peak learning rate of the SFT stages."""
+    reasoning_rl: GRPOConfig = field(default_factory=lambda: _rl(rewards={"accuracy": 1.0, "format": 1.0, "language": 1.0}))
+    """Reasoning-oriented RL: rule rewards + the language-consistency reward (R1 §2.3.2)."""
+    rejection_k: int = 4
+    """Samples per training prompt in rejection sampling."""
+    rejection_prompts: int = 400
+    """Training prompts sampled for rejection SFT (and for distillation traces)."""
+    final_rl: GRPOConfig = field(default_factory=lambda: _rl(
+        steps=30, temperature=0.7, rewards={"accuracy": 1.0, "format": 1.0, "language": 1.0,
+                                            "helpful": {"weight": 0.5, "on": "summary"}}))
+    """All-scenario RL: rule rewards + a learned reward model on the summary; R1 used T = 0.7 here."""
+    reward_model_pairs: int = 1500
+    """Procedural preference pairs for the reward model of the final stage."""
+    eval_k: int = 8
+    """Held-out samples per question (pass@1 is their mean)."""
+    eval_max_new_tokens: int = 160
+    seed: int = 0
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, out: Path, log=print):
+        self.cfg, self.out, self.log = cfg, Path(out), log
+        for g in (cfg.zero, cfg.reasoning_rl, cfg.final_rl):
+            g.task = cfg.task
+        self.base_dir = Path(cfg.base) if cfg.base else ASSETS / "r1-tiny"
+        self.student_dir = Path(cfg.student) if cfg.student else ASSETS / "r1-tiny-student"
+        self._held_out = None
+
+    # ------------------------------------------------------------------ plumbing
+    def stage_dir(self, name: str) -> Path:
+        return self.out / "stages" / name
+
+    def done(self, name: str) -> dict | None:
+        f = self.stage_dir(name) / "done.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    def model_dir(self, name: str) -> Path:
+        return {"base": self.base_dir, "student_base": self.student_dir}.get(name) or self.stage_dir(name) / "model"
+
+    def load(self, name: str):
+        from r1lab.serve import load_model_and_tokenizer
+
+        return load_model_and_tokenizer(self.model_dir(name), dtype="float32")
+
+    def evaluate(self, model, tok, name: str) -> dict:
+        from r1lab.eval.runner import evaluate
+
+        if self._held_out is None:
+            self._held_out = self.cfg.task.load("test")
+        summary, _ = evaluate(model, tok, self._held_out, template=self.cfg.task.template, k=self.cfg.eval_k,
+                              max_new_tokens=self.cfg.eval_max_new_tokens, seed=self.cfg.seed, progress=False,
+                              out_path=self.out / "eval" / f"{name}.jsonl", name=name)
+        return {k: summary[k] for k in METRICS if k in summary}
+
+    def finish(self, name: str, model, tok, extra: dict | None = None) -> dict:
+        d = self.stage_dir(name)
+        if not (d / "model" / "config.json").is_file():
+            rm.save(model, d / "model")
+            tok.save(d / "model")
+        result = {**self.evaluate(model, tok, name), **(extra or {})}
+        atomic_write_text(d / "done.json", json.dumps(result, indent=2))
+        return result
+
+    # ------------------------------------------------------------------ stages
+    def rl_stage(self, name: str, init: str, cfg: GRPOConfig, reward_models=None) -> dict:
+        model, tok = self.load(init)
+        run = RunDir(self.stage_dir(name))
+        t0 = time.time()
+        train_grpo(cfg, run, model, tok, resume=True, reward_models=reward_models)
+        return self.finish(name, model, tok, {"train_seconds": round(time.time() - t0, 1), "init": init})
+
+    def sft_stage(self, name: str, init: str, records: list[dict], epochs: int | None = None) -> dict:
+        from r1lab.train.sft import SFTConfig, train_sft
+
+        model, tok = self.load(init)
+        cfg = SFTConfig(model=str(self.model_dir(init)), data=records, epochs=epochs or self.cfg.sft_epochs,
+                        lr=self.cfg.sft_lr, max_len=384, micro_batch_tokens=4096, tokens_per_step=4096,
+                        warmup_steps=5, save_every=20, seed=self.cfg.seed, log_every=5)
+        t0 = time.time()
+        model = train_sft(cfg, RunDir(self.stage_dir(name)), model=model, tokenizer=tok, log=lambda s: None)
+        return self.finish(name, model, tok, {"train_seconds": round(time.time() - t0, 1), "init": init,
+                                              "examples": len(records)})
+
+    def traces(self, source: str, tag: str) -> list[dict]:
+        """Rejection-sampled, filtered traces of a stage's model on training prompts (cached as JSONL)."""
+        from r1lab.pipeline.rejection import FilterConfig, rejection_sample, write_jsonl
+
+        path = self.out / "data" / f"{tag}.jsonl"
+        if path.is_file():
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        model, tok = self.load(source)
+        train = self.cfg.task.load("train")
+        problems = train.problems[: self.cfg.rejection_prompts]
+        result = rejection_sample(model, tok, problems, k=self.cfg.rejection_k, temperature=1.0, max_new_tokens=128,
+                                  template=self.cfg.task.template, scorer=train.score, seed=self.cfg.seed,
+                                  filters=FilterConfig(language="en", max_per_prompt=1), model_name=source)
+        write_jsonl(result.records, path)
+        atomic_write_text(self.out / "data" / f"{tag}.stats.json", json.dumps(result.stats, indent=2))
+        return result.records
+
+    def demonstrations(self) -> list[dict]:
+        """Written clean long-CoT demonstrations (the corpus's cold-start generator)."""
+        from r1lab.corpus import generate_cold_start
+
+        return generate_cold_start(self.cfg.cold_start_examples, seed=self.cfg.seed + 7)
+
+    def reward_model(self):
+        """Train (once) the helpfulness reward model on procedural preference pairs; returns a RewardModel."""
+        from r1lab.train.reward_model import LearnedReward, RewardModelConfig, train_reward_model
+
+        folder = self.out / "reward_model"
+        if not (folder / "reward_model").is_dir():
+            cfg = RewardModelConfig(model=str(self.student_dir), synthetic_pairs=self.cfg.reward_model_pairs,
+                                    epochs=1, lr=1e-3, seed=self.cfg.seed, save_every=0)
+            train_reward_model(cfg, RunDir(folder), log=lambda s: None)
+        return LearnedReward.load(folder / "reward_model")
+
+    def run_stage(self, name: str) -> dict:
+        c = self.cfg
+        if name == "zero":
+            return self.rl_stage("zero", "base", c.zero)
+        if name == "cold_start":
+            # R1 §2.3.1: readable R1-Zero outputs (here: the zero stage's correct, English-only, well-formed
+            # samples) plus a smaller set of written long-CoT demonstrations.
+            readable = self.traces("zero", "cold_start")
+            return self.sft_stage("cold_start", "base", _pairs(list(readable) + self.demonstrations()))
+        if name == "reasoning_rl":
+            return self.rl_stage("reasoning_rl", "cold_start", c.reasoning_rl)
+        if name == "rejection_sft":
+            kept = self.traces("reasoning_rl", "rejection_sft")
+            return self.sft_stage("rejection_sft", "base", _pairs(list(kept) + self.demonstrations()))
+        if name == "final_rl":
+            return self.rl_stage("final_rl", "rejection_sft", c.final_rl, reward_models={"helpful": self.reward_model()})
+        if name == "distill_student":
+            return self.sft_stage("distill_student", "student_base", _pairs(self.traces("final_rl", "distill")), epochs=3)
+        if name == "rl_student":
+            return self.rl_stage("rl_student", "student_base", c.zero)
+        raise ValueError(f"unknown stage {name!r}")
+
+    def run(self, kind: str) -> dict:
+        if kind not in STAGES:
+            raise ValueError(f"unknown pipeline {kind!r}; expected one of {sorted(STAGES)}")
+        summary_path = self.out / "summary.json"
+        stages: dict[str, dict] = {}
+        if not (self.out / "eval" / "base.json").is_file():
+            model, tok = self.load("base")
+            (self.out / "eval").mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "eval" / "base.json", json.dumps(self.evaluate(model, tok, "base")))
+        stages["base"] = json.loads((self.out / "eval" / "base.json").read_text())
+        for name in STAGES[kind]:
+            result = self.done(name)
+            if result is None:
+                self.log(f"[stage {name}] running")
+                t0 = time.time()
+                result = self.run_stage(name)
+                self.log(f"[stage {name}] done in {time.time() - t0:.0f}s: " +
+                         ", ".join(f"{k} {result[k]:.3f}" for k in METRICS if k in result))
+            else:
+                self.log(f"[stage {name}] already done, skipped")
+            stages[name] = result
+            atomic_write_text(summary_path, json.dumps({"pipeline": kind, "stages": stages}, indent=2))
+        from r1lab.eval.report import write_report
+
+        write_report(self.out)
+        return {"pipeline": kind, "stages": stages}
+
+
+def _pairs(records: list[dict]) -> list[dict]:
+    return [{"prompt": r["prompt"], "completion": r["completion"]} for r in records]
+
+
+def print_stage_table(summary: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"r1lab pipeline {summary['pipeline']}: held-out, R1 protocol")
+    table.add_column("stage")
+    for m in METRICS:
+        table.add_column(m, justify="right")
+    for name, r in summary["stages"].items():
+        table.add_row(name, *[f"{r[m]:.3f}" if m in r else "-" for m in METRICS])
+    console.print(table)

@@ -1,0 +1,452 @@
+"""Supervised fine-tuning: R1's cold start (stage 1), the rejection-sampling SFT (stage 3) and distillation.
+
+Each example is a prompt and a response; the loss is the next-token cross-entropy on the response tokens
+only (the prompt is context, not something to imitate). Examples are packed several to a row with
+positions restarting per example and block-causal (doc-masked) attention, so no compute goes to padding
+and examples never see each other; the packed loss equals the unpacked one.
+
+Step structure: every epoch the examples are shuffled (seeded) and cut into optimizer steps of about
+`tokens_per_step` tokens; each step is packed into micro-batches of at most `micro_batch_tokens` tokens,
+whose gradients accumulate. The loss of a step is the mean over all of its response tokens, however they
+fall into micro-batches (gradient accumulation by tokens, not by micro-batch). The plan is a pure function
+of (data, seed), so a resumed run replays exactly the steps it had left.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+import r1lab.model as rm
+from r1lab.tokenizer import Tokenizer, load_tokenizer
+from r1lab.train.batching import PackedBatch, pack_sequences
+from r1lab.train.checkpoint import load_latest_checkpoint, restore, save_checkpoint
+from r1lab.train.logprobs import logprobs_from_hidden
+from r1lab.train.run_dir import RunDir
+
+
+@dataclass
+class SFTConfig:
+    model: str = "tiny-dense"
+    """HF model folder to fine-tune, or a preset name (fresh weights, vocabulary sized to the tokenizer)."""
+    tokenizer: str | None = None
+    """Tokenizer folder; None means the model folder."""
+    data: Any = None
+    """A JSONL file of records {prompt, completion} or {messages: [{role, content}, ...]}, or such a list."""
+    template: str = "raw"
+    """'raw': prompt + separator + completion as given (then EOS); 'chat': the tokenizer's chat template
+    (a {prompt, completion} record becomes one user turn and one assistant turn)."""
+    separator: str = " "
+    """Raw template: text put between prompt and completion when neither side already has whitespace
+    there (r1lab's corpus writes 'Assistant: <think>...'; a chat-rendered prompt ends in a newline)."""
+    epochs: int = 2
+    """Passes over the data (R1 stage 3: 2 epochs)."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine floor as a fraction of the peak."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (not on norms, biases or embeddings)."""
+    grad_clip: float = 1.0
+    """Max global grad norm (0 disables clipping)."""
+    micro_batch_tokens: int = 4096
+    """Token budget of one packed forward (one row); must cover max_len."""
+    tokens_per_step: int = 16384
+    """Tokens (prompt + response) per optimizer step; micro-batches accumulate until they reach it."""
+    max_len: int = 1024
+    """Longest example in tokens; longer ones are dropped or truncated (see overlong), and counted."""
+    overlong: str = "drop"
+    """'drop' too-long examples, or 'truncate' their response (an example whose prompt alone does not fit
+    is always dropped)."""
+    mtp_weight: float = 0.1
+    """Weight of the multi-token-prediction loss when the model has MTP modules (0 disables)."""
+    router_bias_gamma: float = 1e-3
+    """Aux-loss-free MoE bias update speed γ, applied after every optimizer step (0 disables)."""
+    chunk_size: int = 1024
+    """Tokens per chunk of the output head (bounds the memory of the logits)."""
+    seed: int = 0
+    """Seeds the data order (and fresh weights for a preset model)."""
+    device: str = "cpu"
+    """Torch device for training."""
+    dtype: str = "float32"
+    """Parameter dtype ('float32' or 'bfloat16')."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward (less memory, ~1/3 more compute)."""
+    save_every: int = 100
+    """Checkpoint every this many optimizer steps (and at the end); 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (the newest ones)."""
+    log_every: int = 1
+    """Write metrics every this many steps (and at the last step)."""
+    resume: bool = True
+    """Continue from the run directory's latest checkpoint when there is one."""
+
+    def __post_init__(self) -> None:
+        if self.template not in ("raw", "chat"):
+            raise ValueError(f"template must be 'raw' or 'chat', got {self.template!r}")
+        if self.overlong not in ("drop", "truncate"):
+            raise ValueError(f"overlong must be 'drop' or 'truncate', got {self.overlong!r}")
+        if self.micro_batch_tokens < self.max_len:
+            raise ValueError(f"micro_batch_tokens={self.micro_batch_tokens} must be >= max_len={self.max_len}")
+        if self.epochs < 1 or self.tokens_per_step < 1 or self.max_len < 2:
+            raise ValueError("epochs, tokens_per_step must be >= 1 and max_len >= 2")
+
+
+# ----------------------------------------------------------------------------------------- data
+def load_records(data: Any, *, required: Sequence[str] = ()) -> list[dict]:
+    """Records from a JSONL path or a list of dicts; errors name the file, the line and the field."""
+    if data is None:
+        raise ValueError("no training data: set data= to a JSONL file or a list of records")
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: data file not found")
+        records, where = [], []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            where.append(f"{path}:{n}")
+    else:
+        records = list(data)
+        where = [f"record {i}" for i in range(len(records))]
+    for rec, at in zip(records, where):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{at}: expected a JSON object, got {type(rec).__name__}")
+        for key in required:
+            if not isinstance(rec.get(key), str):
+                raise ValueError(f"{at}: field {key!r} must be a string")
+        if not required and not ("messages" in rec or ("prompt" in rec and "completion" in rec)):
+            raise ValueError(f"{at}: needs 'prompt' and 'completion' strings, or 'messages'")
+    if not records:
+        raise ValueError(f"{data if isinstance(data, (str, Path)) else 'data'}: no records")
+    return records
+
+
+def join_prompt(prompt: str, completion: str, separator: str = " ") -> str:
+    """The text between prompt and completion in the raw template: separator unless either side already
+    has whitespace at the seam."""
+    if not prompt or not completion or prompt[-1].isspace() or completion[0].isspace():
+        return ""
+    return separator
+
+
+def _chat_pieces(messages: list[dict], tok: Tokenizer) -> list[tuple[str, bool]]:
+    """(text, trained) pieces of a conversation: every assistant turn is trained, the rest is context."""
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
+            raise ValueError(f"message {i}: needs 'role' and string 'content'")
+        if m["role"] != "assistant":
+            continue
+        prefix = tok.apply_chat_template(messages[:i], add_generation_prompt=True)
+        full = tok.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
+        if not prefix.startswith(done) or not full.startswith(prefix):
+            raise ValueError(f"message {i}: the chat template does not render this conversation as a growing "
+                             "prefix (e.g. it rewrites earlier turns); train on {prompt, completion} instead")
+        reply = full[len(prefix):]
+        trailing = reply[len(reply.rstrip()):]  # the newline after an end-of-turn token is never generated
+        pieces += [(prefix[len(done):], False), (reply[: len(reply) - len(trailing)], True), (trailing, False)]
+        done = full
+    if not any(trained and text for text, trained in pieces):
+        raise ValueError("conversation has no assistant turn to train on")
+    return pieces
+
+
+def encode_example(record: dict, tok: Tokenizer, template: str = "raw", separator: str = " ") -> tuple[list[int], list[int]]:
+    """One record → (token ids, loss mask): mask 1 on response tokens (and the EOS that ends them).
+
+    Pieces are encoded separately so the prompt's tokens are exactly what the rollout engine will see.
+    An EOS is appended when the response does not already end in a stop token.
+    """
+    if "messages" in record:
+        if template != "chat":
+            raise ValueError("a {messages} record needs template='chat'")
+        pieces = _chat_pieces(list(record["messages"]), tok)
+    elif template == "chat":
+        pieces = _chat_pieces([{"role": "user", "content": record["prompt"]},
+                               {"role": "assistant", "content": record["completion"]}], tok)
+    else:
+        prompt, completion = record["prompt"], record["completion"]
+        pieces = [(prompt, False), (join_prompt(prompt, completion, separator) + completion, True)]
+    ids: list[int] = []
+    mask: list[int] = []
+    for text, trained in pieces:
+        if text:
+            piece = tok.encode(text)
+            ids += piece
+            mask += [int(trained)] * len(piece)
+    last_trained = max((i for i, m in enumerate(mask) if m), default=-1)
+    if last_trained >= 0 and ids[last_trained] not in tok.stop_ids and tok.eos_id is not None:
+        ids.insert(last_trained + 1, tok.eos_id)
+        mask.insert(last_trained + 1, 1)
+    return ids, mask
+
+
+@dataclass
+class EncodedData:
+    seqs: list[list[int]]
+    masks: list[list[int]]
+    dropped: int
+    truncated: int
+
+
+def encode_dataset(records: list[dict], tok: Tokenizer, cfg: SFTConfig) -> EncodedData:
+    """Encode every record and apply max_len (drop or truncate), counting what happened."""
+    seqs, masks, dropped, truncated = [], [], 0, 0
+    for rec in records:
+        ids, mask = encode_example(rec, tok, cfg.template, cfg.separator)
+        if len(ids) > cfg.max_len:
+            first_trained = mask.index(1) if 1 in mask else len(mask)
+            if cfg.overlong == "drop" or first_trained >= cfg.max_len:
+                dropped += 1
+                continue
+            ids, mask = ids[: cfg.max_len], mask[: cfg.max_len]
+            truncated += 1
+        if sum(mask[1:]) == 0:  # nothing to learn (empty response): a zero-token example
+            dropped += 1
+            continue
+        seqs.append(ids)
+        masks.append(mask)
+    if not seqs:
+        raise ValueError(f"no example fits max_len={cfg.max_len} ({dropped} dropped)")
+    return EncodedData(seqs, masks, dropped, truncated)
+
+
+def plan_steps(lengths: Sequence[int], tokens_per_step: int, epochs: int, seed: int) -> list[tuple[int, list[int]]]:
+    """(epoch, example indices) of every optimizer step: a seeded shuffle per epoch, cut into runs of at
+    least tokens_per_step tokens (the epoch's last step may be smaller)."""
+    steps = []
+    for epoch in range(epochs):
+        order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed * 1009 + epoch)).tolist()
+        current, tokens = [], 0
+        for i in order:
+            current.append(i)
+            tokens += lengths[i]
+            if tokens >= tokens_per_step:
+                steps.append((epoch, current))
+                current, tokens = [], 0
+        if current:
+            steps.append((epoch, current))
+    return steps
+
+
+# ----------------------------------------------------------------------------------------- loss
+def packed_mtp_loss(model, hidden: torch.Tensor, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum and count of MTP cross-entropies over a packed batch, averaged over depths.
+
+    Like `Transformer.mtp_loss`, but document-aware: the MTP blocks attend only within their document
+    (doc-masked context with restarting positions), and a depth-k prediction counts only when token i+k+1
+    is a response token of the same document as i. hidden [R, L, d] pre-norm main-model states.
+    Returns (sum over counted tokens of the depth-mean CE, number of counted tokens), both 0-dim.
+    """
+    ids, pos, docs, mask = batch.input_ids, batch.positions, batch.doc_ids, batch.loss_mask
+    R, L = ids.shape
+    embeds = model.model.embed_tokens(ids)
+    h = hidden
+    sums, counts = [], []
+    for k, module in enumerate(model.mtp, start=1):
+        n = L - k
+        if n < 2:
+            break
+        ctx = model.context(pos[:, :n], doc_ids=docs[:, :n])
+        h = module(h[:, :n], embeds[:, k : k + n], ctx)
+        logits = model.lm_head(module.shared_head.norm(h[:, :-1])).float()  # position i predicts token i+k+1
+        targets = ids[:, k + 1 :]
+        counted = mask[:, k : k + n - 1] & (docs[:, : n - 1] == docs[:, k + 1 :]) & (docs[:, : n - 1] >= 0)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        w = counted.reshape(-1).to(ce.dtype)
+        sums.append((ce * w).sum())
+        counts.append(w.sum())
+    if not sums:
+        zero = hidden.new_zeros((), dtype=torch.float32)
+        return zero, zero
+    # Each depth is normalized on its own count (as mtp_loss averages per depth), then depths averaged.
+    total = torch.stack(sums) / torch.stack(counts).clamp(min=1)
+    count = counts[0]
+    return total.mean() * count, count
+
+
+def sft_loss_sums(model, batch: PackedBatch, *, chunk_size: int = 1024, with_mtp: bool = False) -> dict[str, torch.Tensor]:
+    """Summed response-token cross-entropy of one packed batch (and the MTP sum when asked).
+
+    Returns {"ce_sum": 0-dim fp32, "tokens": number of response tokens, "mtp_sum", "mtp_tokens"}; the
+    mean loss of any set of batches is Σ ce_sum / Σ tokens, identical packed or not.
+    """
+    hidden = model.forward_hidden(batch.input_ids, batch.positions, doc_ids=batch.doc_ids)
+    logp = logprobs_from_hidden(model, hidden, batch.targets, chunk_size=chunk_size, mask=batch.loss_mask)
+    out = {"ce_sum": -(logp * batch.loss_mask).sum(), "tokens": batch.loss_mask.sum()}
+    if with_mtp and len(model.mtp):
+        out["mtp_sum"], out["mtp_tokens"] = packed_mtp_loss(model, hidden, batch)
+    return out
+
+
+def warmup_cosine_lr(step: int, total_steps: int, peak: float, warmup: int, floor_ratio: float) -> float:
+    """Linear warmup to peak over `warmup` steps, then cosine decay to floor_ratio·peak at total_steps."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return peak * (floor_ratio + (1 - floor_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with decay on matrices only (norms, biases and embeddings are not decayed)."""
+    params = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad}.values()
+    decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.95),
+    )
+
+
+# ----------------------------------------------------------------------------------------- model
+def load_model_and_tokenizer(model_spec: str, tokenizer_path: str | None, *, seed: int, device: str, dtype: str,
+                             model: Any = None, tokenizer: Tokenizer | None = None, overrides: dict | None = None):
+    """(model, tokenizer) from objects, an HF folder or a preset name (fresh weights sized to the tokenizer)."""
+    if tokenizer is None:
+        source = tokenizer_path or (model_spec if Path(model_spec).is_dir() else None)
+        if source is None:
+            raise ValueError(f"model {model_spec!r} is a preset: give a tokenizer folder (tokenizer=...)")
+        tokenizer = load_tokenizer(source)
+    torch_dtype = getattr(torch, dtype)
+    if model is None:
+        if Path(model_spec).is_dir():
+            model = rm.load(model_spec, dtype=torch_dtype, device=device)
+        elif model_spec in rm.PRESETS:
+            args = rm.preset(model_spec, **{**(overrides or {}), "vocab_size": tokenizer.vocab_size,
+                                            "eos_token_id": tokenizer.eos_id, "bos_token_id": tokenizer.bos_id,
+                                            "pad_token_id": tokenizer.pad_id})
+            model = rm.build(args, seed=seed)
+        else:
+            raise FileNotFoundError(f"model {model_spec!r}: not a folder and not a preset ({', '.join(rm.PRESETS)})")
+    model = model.to(device=torch.device(device), dtype=torch_dtype)
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is "
+                         f"{model.args.vocab_size}: they do not belong together")
+    return model, tokenizer
+
+
+def _config_for_yaml(cfg: SFTConfig) -> dict:
+    from r1lab.config import to_dict
+
+    d = to_dict(cfg)
+    if not isinstance(cfg.data, (str, Path, type(None))):
+        d["data"] = f"<in-memory: {len(cfg.data)} records>"
+    return d
+
+
+# ----------------------------------------------------------------------------------------- trainer
+def train_sft(cfg: SFTConfig, run_dir: RunDir | str | Path, model=None, tokenizer: Tokenizer | None = None,
+              *, log: Callable[[str], None] = print, on_step: Callable[[int, dict], None] | None = None):
+    """Fine-tune on cfg.data; returns the trained model (eval mode) and writes run_dir/model (+ tokenizer).
+
+    model/tokenizer: objects to train in place instead of loading cfg.model / cfg.tokenizer.
+    on_step(step, metrics): called after every optimizer step (and its checkpoint); raising in it stops
+    the run the way a crash would (tests use it).
+    With cfg.resume, a run directory that holds a checkpoint continues from it exactly.
+    """
+    run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    model, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer, seed=cfg.seed, device=cfg.device,
+                                          dtype=cfg.dtype, model=model, tokenizer=tokenizer)
+    data = encode_dataset(load_records(cfg.data), tok, cfg)
+    lengths = [len(s) for s in data.seqs]
+    plan = plan_steps(lengths, cfg.tokens_per_step, cfg.epochs, cfg.seed)
+    total_steps = len(plan)
+    log(f"sft: {len(data.seqs)} examples ({data.dropped} dropped, {data.truncated} truncated as over "
+        f"max_len={cfg.max_len}), {sum(lengths):,} tokens, {total_steps} steps over {cfg.epochs} epochs")
+
+    model.train()
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
+    fingerprint = {"examples": len(data.seqs), "tokens": sum(lengths), "total_steps": total_steps}
+    start, first_loss, last_loss = 0, None, None
+    found = load_latest_checkpoint(run_dir.path) if cfg.resume else None
+    if found is not None:
+        extra = restore(found[1], model, opt)
+        if extra.get("fingerprint") != fingerprint:
+            raise ValueError(f"{found[1]}: checkpoint was made for different data or settings "
+                             f"({extra.get('fingerprint')} vs now {fingerprint}); use a new run directory")
+        start = extra["step"]
+        first_loss, last_loss = extra.get("first_loss"), extra.get("last_loss")
+        run_dir.close()
+        run_dir = RunDir(run_dir.path, resume_step=start - 1)
+        log(f"sft: resumed from {found[1]} at step {start}")
+    run_dir.write_config(_config_for_yaml(cfg))
+
+    device = torch.device(cfg.device)
+    use_mtp = cfg.mtp_weight > 0 and len(model.mtp) > 0
+    for step in range(start, total_steps):
+        t0 = time.time()
+        epoch, members = plan[step]
+        lr = warmup_cosine_lr(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batches = pack_sequences([data.seqs[i] for i in members], [data.masks[i] for i in members],
+                                 cfg.micro_batch_tokens)
+        step_tokens = sum(int(b.loss_mask.sum()) for b in batches)
+        ce_total = mtp_total = mtp_count = torch.zeros((), device=device)  # summed on device: one sync per step
+        opt.zero_grad(set_to_none=True)
+        for batch in batches:
+            batch = batch.to(device)
+            sums = sft_loss_sums(model, batch, chunk_size=cfg.chunk_size, with_mtp=use_mtp)
+            # Normalizing by the step's response tokens makes the accumulated gradient that of one big batch.
+            loss = sums["ce_sum"] / max(step_tokens, 1)
+            if use_mtp:
+                loss = loss + cfg.mtp_weight * sums["mtp_sum"] / max(step_tokens, 1)
+                mtp_total = mtp_total + sums["mtp_sum"].detach()
+                mtp_count = mtp_count + sums["mtp_tokens"]
+            aux = model.aux_loss()
+            if aux is not None:
+                loss = loss + aux / len(batches)
+            loss.backward()
+            ce_total = ce_total + sums["ce_sum"].detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        opt.step()
+        balance = model.expert_load_balance() if model.args.is_moe else None  # before the update resets loads
+        model.update_router_bias(cfg.router_bias_gamma)  # γ = 0 still resets the per-step load counts
+        step_loss = float(ce_total) / max(step_tokens, 1)
+        first_loss = step_loss if first_loss is None else first_loss
+        last_loss = step_loss
+        n_tokens = sum(b.num_tokens for b in batches)
+        metrics = {"loss": step_loss, "lr": lr, "grad_norm": float(grad_norm), "epoch": epoch,
+                   "tokens": n_tokens, "response_tokens": step_tokens, "tokens_per_s": n_tokens / max(time.time() - t0, 1e-9)}
+        if use_mtp:
+            metrics["mtp_loss"] = float(mtp_total) / max(float(mtp_count), 1.0)
+        if balance is not None:
+            metrics["expert_load_max_over_mean"] = balance
+        done = step + 1
+        if step % cfg.log_every == 0 or done == total_steps:
+            run_dir.log_metrics(step, metrics)
+            log(f"step {step:5d}  loss {step_loss:.4f}  grad_norm {float(grad_norm):.2f}  lr {lr:.2e}  "
+                f"{metrics['tokens_per_s']:.0f} tok/s")
+        if done == total_steps or (cfg.save_every and done % cfg.save_every == 0):
+            save_checkpoint(run_dir.path, done, model, opt, keep_last=cfg.keep_checkpoints,
+                            extra_state={"fingerprint": fingerprint, "first_loss": first_loss, "last_loss": last_loss})
+        if on_step is not None:
+            on_step(step, metrics)
+
+    model.eval()
+    target = run_dir.path / "model"
+    rm.save(model, target)
+    tok.save(target)
+    run_dir.write_summary({"examples": len(data.seqs), "dropped_overlong": data.dropped,
+                           "truncated_overlong": data.truncated, "steps": total_steps, "epochs": cfg.epochs,
+                           "first_loss": first_loss, "final_loss": last_loss, "model": str(target),
+                           "parameters": model.num_parameters()})
+    run_dir.close()
+    log(f"sft: wrote {target}")
+    return model
