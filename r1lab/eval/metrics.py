@@ -53,6 +53,14 @@ def pass_at_1(correct: Sequence[bool]) -> float:
 # Majority vote with math-verify equivalence
 
 
+def _quiet_math_verify() -> None:
+    """math-verify warns on every call with timeouts off; we turn them off on purpose (see below)."""
+    import logging
+
+    for name in ("math_verify.parser", "math_verify.grader"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _parse_answer(answer: str) -> list:
     """Parse an already-extracted answer string with math-verify; [] when nothing parses.
 
@@ -63,6 +71,7 @@ def _parse_answer(answer: str) -> list:
     """
     from math_verify import parse
 
+    _quiet_math_verify()
     text = answer.strip().rstrip(".").strip()
     if not text:
         return []
