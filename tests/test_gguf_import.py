@@ -49,9 +49,13 @@ def test_two_grpo_steps_on_real_smollm2(tmp_path):
     folder = import_gguf("smollm2", tmp_path / "smollm2", dtype="float32")
     model, tok = load(folder), load_tokenizer(folder)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "layers.0." in n}
-    # The overlong term varies with completion length, so groups have reward variance and a gradient even
-    # when the instruct model gets every sum wrong.
-    rewards = {"accuracy": 1.0, "overlong": {"weight": 1.0, "max_len": 24, "cache_len": 20}}
+    from r1lab.rewards import available_rewards, register_reward
+
+    # A reward that differs between samples of a group (text-length parity), so the groups have variance and
+    # a gradient even when the instruct model gets every sum wrong.
+    if "test_length_parity" not in available_rewards():
+        register_reward("test_length_parity", lambda completion, problem: float(len(completion) % 2))
+    rewards = {"accuracy": 1.0, "test_length_parity": 1.0}
     cfg = GRPOConfig(task=TaskConfig(name="chain_sum", train_size=8, template="chat"), rewards=rewards, steps=2,
                      prompts_per_step=2, group_size=4, max_new_tokens=24, lr=1e-5, micro_batch_tokens=2048)
     run = RunDir(tmp_path / "run")

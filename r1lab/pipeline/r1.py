@@ -170,7 +170,7 @@ class Pipeline:
             cfg = RewardModelConfig(model=str(self.student_dir), synthetic_pairs=self.cfg.reward_model_pairs,
                                     epochs=1, lr=1e-3, seed=self.cfg.seed, save_every=0)
             train_reward_model(cfg, RunDir(folder), log=lambda s: None)
-        return LearnedReward.load(folder / "reward_model")
+        return BoundedReward(LearnedReward.load(folder / "reward_model"))
 
     def run_stage(self, name: str) -> dict:
         c = self.cfg
@@ -220,6 +220,22 @@ class Pipeline:
 
         write_report(self.out)
         return {"pipeline": kind, "stages": stages}
+
+
+class BoundedReward:
+    """A learned reward squashed to (0, 1) by a sigmoid of its Bradley-Terry logit.
+
+    Unbounded RM scores invite reward hacking: in our first full run the policy dropped </think> because the
+    reward model liked the resulting "summary" by more than the format reward it lost (format rate fell to 0).
+    Bounded, an RM term of weight w can never outweigh a rule reward of weight > w."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        import math
+
+        return [1.0 / (1.0 + math.exp(-s)) for s in self.inner.score(prompts, responses)]
 
 
 def _pairs(records: list[dict]) -> list[dict]:
