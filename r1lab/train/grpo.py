@@ -18,12 +18,13 @@ from torch.nn.utils.rnn import pad_sequence
 
 from r1lab.rewards import compose_rewards
 from r1lab.rollout import SamplingParams, generate
-from r1lab.tasks import Problem, load_task, render_prompt
-from r1lab.train.batching import pack_sequences, split_minibatches, unpack_to_sequences
+from r1lab.tasks import load_task, render_prompt
+from r1lab.train.batching import pack_sequences, unpack_to_sequences
 from r1lab.train import distributed as D
-from r1lab.train.checkpoint import load_latest_checkpoint, restore, save_checkpoint
-from r1lab.train.grpo_math import Objective, dynamic_sampling_filter, group_advantages, overlong_filter_mask
+from r1lab.train.checkpoint import load_latest_checkpoint, save_checkpoint
+from r1lab.train.grpo_math import Objective, dynamic_sampling_filter, group_advantages, overlong_filter_mask, policy_loss
 from r1lab.train.logprobs import token_logprobs
+from r1lab.train.optim import adamw
 from r1lab.train.run_dir import RunDir
 
 
@@ -127,12 +128,7 @@ class Trainer:
         random.Random(cfg.seed).shuffle(self.order)
         self.cursor = 0
         self.reward = compose_rewards(cfg.rewards, task=self.task, reward_models=reward_models)
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-        rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-        self.opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(0.9, 0.99),
-        )
+        self.opt = adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.99))
         warm = max(1, cfg.warmup_steps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm))
         self.ref = self._snapshot() if cfg.objective.beta > 0 else None
@@ -363,8 +359,6 @@ def _pack(cfg: GRPOConfig, seqs, masks):
 
 
 def _policy_loss(cur, old, adv, mask, obj: Objective, ref, total_tokens, total_seqs):
-    from r1lab.train.grpo_math import policy_loss
-
     return policy_loss(cur, old, adv, mask, ref_logp=ref, total_tokens=total_tokens, total_seqs=total_seqs,
                        **obj.loss_kwargs())
 

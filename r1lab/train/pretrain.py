@@ -8,7 +8,6 @@ MTP loss → an HF checkpoint folder with the tokenizer beside it.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 import r1lab.model as rm
 from r1lab.corpus import CorpusConfig, generate_corpus, pretrain_texts
 from r1lab.tokenizer import Tokenizer, train_bpe
+from r1lab.train.optim import adamw, warmup_cosine_lr
 from r1lab.train.run_dir import RunDir
 
 
@@ -77,11 +77,7 @@ def pack_rows(docs: list[str], tok: Tokenizer, seq_len: int, seed: int) -> torch
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    floor = cfg.min_lr_ratio
-    return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    return warmup_cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
 
 
 def pretrain(cfg: PretrainConfig, run_dir: RunDir, log=print) -> Path:
@@ -100,12 +96,7 @@ def pretrain(cfg: PretrainConfig, run_dir: RunDir, log=print) -> Path:
     model = rm.build(args, seed=cfg.seed).to(device=device).train()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16" and device.type == "cuda")
     log(f"model: {model.num_parameters():,} params ({model.num_parameters(active=True):,} active)")
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95),
-    )
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     for step in range(cfg.steps):
         batch = rows[torch.randint(0, len(rows), (cfg.batch_size,), generator=gen)].to(device)

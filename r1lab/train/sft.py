@@ -15,7 +15,6 @@ of (data, seed), so a resumed run replays exactly the steps it had left.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from r1lab.tokenizer import Tokenizer, load_tokenizer
 from r1lab.train.batching import PackedBatch, pack_sequences
 from r1lab.train.checkpoint import load_latest_checkpoint, restore, save_checkpoint
 from r1lab.train.logprobs import logprobs_from_hidden
+from r1lab.train.optim import adamw, warmup_cosine_lr  # noqa: F401 (re-exported)
 from r1lab.train.run_dir import RunDir
 
 
@@ -292,25 +292,6 @@ def sft_loss_sums(model, batch: PackedBatch, *, chunk_size: int = 1024, with_mtp
     if with_mtp and len(model.mtp):
         out["mtp_sum"], out["mtp_tokens"] = packed_mtp_loss(model, hidden, batch)
     return out
-
-
-def warmup_cosine_lr(step: int, total_steps: int, peak: float, warmup: int, floor_ratio: float) -> float:
-    """Linear warmup to peak over `warmup` steps, then cosine decay to floor_ratio·peak at total_steps."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return peak * (floor_ratio + (1 - floor_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with decay on matrices only (norms, biases and embeddings are not decayed)."""
-    params = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad}.values()
-    decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.95),
-    )
 
 
 # ----------------------------------------------------------------------------------------- model
