@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -39,6 +40,19 @@ def import_gguf(
 
     path = run(source, out, dtype=dtype)
     typer.echo(f"wrote {path}")
+
+
+@contextlib.contextmanager
+def _processes(device: str):
+    """The torchrun process group when launched by `torchrun -m r1lab ...` (one process per GPU), else a
+    single-process DistInfo; the group is torn down on the way out."""
+    from r1lab.train import distributed as D
+
+    info = D.init_distributed(device)
+    try:
+        yield info
+    finally:
+        D.shutdown(info)
 
 
 def _timestamped_run_dir(kind: str) -> Path:
@@ -158,6 +172,7 @@ def zero(
     Extra arguments are dotted overrides, e.g. `grpo.steps=100 grpo.objective.beta=0.001 eval.k=16`."""
     from r1lab.config import load_config, to_dict
     from r1lab.pipeline.zero import ZeroConfig, default_run_dir, print_table, run_zero
+    from r1lab.train import distributed as D
     from r1lab.train.run_dir import RunDir
 
     overrides = list(ctx.args)
@@ -167,11 +182,14 @@ def zero(
     cfg = load_config(ZeroConfig, recipe, overrides)
     if resume and out is None:
         raise typer.BadParameter("--resume needs --out DIR of the run to continue")
-    run_dir = RunDir(out or default_run_dir())
-    run_dir.write_config(to_dict(cfg))
-    summary = run_zero(cfg, run_dir, resume=resume)
-    print_table(summary)
-    typer.echo(f"run directory: {run_dir.path} (summary.json, metrics.jsonl, report.html, model/)")
+    with _processes(cfg.grpo.device) as info:
+        run_dir = RunDir(D.broadcast_object(str(out or default_run_dir()), info))
+        if info.is_main:
+            run_dir.write_config(to_dict(cfg))
+        summary = run_zero(cfg, run_dir, resume=resume, dist=info)
+        if info.is_main:
+            print_table(summary)
+            typer.echo(f"run directory: {run_dir.path} (summary.json, metrics.jsonl, report.html, model/)")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

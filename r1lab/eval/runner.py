@@ -109,8 +109,8 @@ def evaluate(model: Any, tokenizer: Any, problems: Task | Sequence[Problem], *, 
              k: int = 4, temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int | None = None,
              seed: int = 0, scorer: Scorer | None = None, batch: int | None = None, progress: bool = True,
              force_think: bool = False, instruction: str | None = None, out_path: str | Path | None = None,
-             name: str | None = None, console: Any = None, print_table: bool | None = None
-             ) -> tuple[dict[str, Any], list[dict]]:
+             name: str | None = None, console: Any = None, print_table: bool | None = None,
+             dist: Any = None) -> tuple[dict[str, Any], list[dict]]:
     """Sample k completions of every problem and score them; returns (summary, per-item records).
 
     problems: a Task (its scorer and answer instruction are used) or a list of Problems (scored with
@@ -122,6 +122,9 @@ def evaluate(model: Any, tokenizer: Any, problems: Task | Sequence[Problem], *, 
     batch: questions per generate() call (None: enough for ~512 samples on CUDA, ~64 on CPU); the rollout
         engine batches continuously inside a call, batches only pace the progress bar.
     out_path: write the per-item records there as JSONL. print_table (default: = progress) prints a table.
+    dist: a r1lab.train.distributed.DistInfo under torchrun: each rank samples its contiguous share of the
+        problems on its own (unsharded) `model`, the items are gathered, and every rank returns the same
+        summary and records; only rank 0 writes out_path, prints and shows progress. Every rank must call it.
 
     The summary has pass@1, pass@k (unbiased, k = samples per question), cons@k, k, n_questions,
     response_length, format_rate, mixed_language_rate, truncated_rate, mean_score, answered_rate and timing.
@@ -156,11 +159,19 @@ def evaluate(model: Any, tokenizer: Any, problems: Task | Sequence[Problem], *, 
     cuda = model.lm_head.weight.is_cuda
     batch = batch or max(1, (512 if cuda else 64) // k)
 
+    sharded = dist is not None and dist.is_distributed
+    lo, hi = 0, len(problems)
+    if sharded:
+        from r1lab.train.distributed import share_bounds
+
+        lo, hi = share_bounds(len(problems), dist)
+        progress = progress and dist.is_main
+        print_table = (print_table if print_table is not None else progress) and dist.is_main
     items: list[dict] = []
     generated_tokens, start = 0, time.perf_counter()
-    with _progress_bar(progress, console, name, len(problems)) as advance:
-        for first in range(0, len(problems), batch):
-            chunk = prompt_ids[first:first + batch]
+    with _progress_bar(progress, console, name, hi - lo) as advance:
+        for first in range(lo, hi, batch):
+            chunk = prompt_ids[first:min(first + batch, hi)]
             params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                     stop_token_ids=stop, n=k, seed=seed + first)
             completions = generate(model, chunk, params)
@@ -178,6 +189,13 @@ def evaluate(model: Any, tokenizer: Any, problems: Task | Sequence[Problem], *, 
                 items.append(_score_item(index, problems[index], texts, lengths, reasons, scorer))
             advance(len(chunk))
     seconds = time.perf_counter() - start
+    if sharded:  # every rank's items, in problem order (shares are contiguous and in rank order)
+        from r1lab.train.distributed import all_gather_objects
+
+        shares = all_gather_objects((items, generated_tokens, seconds), dist)
+        items = [item for share, _, _ in shares for item in share]
+        generated_tokens = sum(n for _, n, _ in shares)
+        seconds = max(s for _, _, s in shares)
 
     summary: dict[str, Any] = dict(summarize(items))
     samples = [r for item in items for r in item["finish_reasons"]]
@@ -188,7 +206,7 @@ def evaluate(model: Any, tokenizer: Any, problems: Task | Sequence[Problem], *, 
     summary["seconds"] = round(seconds, 3)
     summary["tokens_per_second"] = round(generated_tokens / max(seconds, 1e-9), 1)
 
-    if out_path is not None:
+    if out_path is not None and (not sharded or dist.is_main):
         _write_jsonl(Path(out_path), items)
     if print_table if print_table is not None else progress:
         print_summary({name: summary}, console)

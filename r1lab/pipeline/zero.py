@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
+from r1lab.train import distributed as D
 from r1lab.train.grpo import GRPOConfig, train_grpo
 from r1lab.train.run_dir import RunDir
 
@@ -42,38 +42,48 @@ class ZeroConfig:
 REPORTED = ("pass@1", "cons@k", "response_length", "format_rate")
 
 
-def run_zero(cfg: ZeroConfig, run_dir: RunDir, *, resume: bool = False, progress: bool = True) -> dict:
-    """Evaluate the base, run GRPO, evaluate again; writes summary.json and report.html. Returns the summary."""
+def run_zero(cfg: ZeroConfig, run_dir: RunDir, *, resume: bool = False, progress: bool = True,
+             dist: D.DistInfo | None = None) -> dict:
+    """Evaluate the base, run GRPO, evaluate again; writes summary.json and report.html. Returns the summary.
+
+    dist (from `init_distributed()` under torchrun): GRPO runs sharded with FSDP2, each rank evaluates its
+    share of the held-out questions; rank 0 alone writes the summary, the report and the final model."""
     from r1lab.eval.report import write_report
     from r1lab.eval.runner import evaluate
     from r1lab.serve import load_model_and_tokenizer
 
     g = cfg.grpo
+    info = dist or D.single_process(g.device)
     dtype = "float32" if g.dtype == "float32" else g.dtype
-    model, tok = load_model_and_tokenizer(cfg.model, device=g.device, dtype=dtype)
+    device = str(info.device) if info.is_distributed else g.device  # every rank loads onto its own GPU
+    model, tok = load_model_and_tokenizer(cfg.model, device=device, dtype=dtype)
     t = g.task
     held_out = t.load("test")
 
     def measure(tag: str) -> dict:
-        summary, _ = evaluate(model, tok, held_out, template=t.template, k=cfg.eval.k, temperature=cfg.eval.temperature,
-                              top_p=cfg.eval.top_p, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.eval.seed,
-                              progress=False, out_path=run_dir.path / "eval" / f"{tag}.jsonl", name=tag)
+        with D.gathered_for_rollout(model, info) as policy:  # the model itself until GRPO shards it
+            summary, _ = evaluate(policy, tok, held_out, template=t.template, k=cfg.eval.k,
+                                  temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+                                  max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.eval.seed, progress=False,
+                                  out_path=run_dir.path / "eval" / f"{tag}.jsonl", name=tag, dist=info)
         return summary
 
     t0 = time.time()
     before = _load_before(run_dir) if resume else None
     if before is None:
         before = measure("before")
-        run_dir.write_summary({"before": before})
-    train_grpo(g, run_dir, model, tok, resume=resume, on_step=_progress(g.steps) if progress else None)
+        if info.is_main:
+            run_dir.write_summary({"before": before})
+    train_grpo(g, run_dir, model, tok, resume=resume, on_step=_progress(g.steps) if progress and info.is_main else None,
+               dist=info)
     after = measure("after")
-    from r1lab import model as rm
-
-    rm.save(model, run_dir.path / "model")
-    tok.save(run_dir.path / "model")
-    summary = {"before": before, "after": after, "task": t.name, "steps": g.steps, "seconds": round(time.time() - t0, 1)}
-    run_dir.write_summary(summary)
-    write_report(run_dir.path)
+    D.save_consolidated(model, info, run_dir.path / "model")
+    summary = {"before": before, "after": after, "task": t.name, "steps": g.steps, "seconds": round(time.time() - t0, 1),
+               "world_size": info.world_size}
+    if info.is_main:
+        tok.save(run_dir.path / "model")
+        run_dir.write_summary(summary)
+        write_report(run_dir.path)
     return summary
 
 

@@ -103,7 +103,8 @@ def shard_model(model, info: DistInfo, *, mixed_precision: bool = True, reshard_
     head: the tied embedding/head stays in one group); `forward_hidden` is registered as a forward method
     so it gathers the root's parameters like `forward` does (call logits / mtp_loss only after it).
     Parameters become DTensors sharded on dim 0 over all ranks; buffers (router correction bias, rotary
-    tables, expert loads) stay whole on every rank.
+    tables, expert loads) stay whole on every rank. MTP modules are not resharded after their forward (their
+    loss uses `shared_head.norm` outside the module's forward); reshard_after_forward applies to the blocks.
 
     On CUDA with mixed_precision: bf16 compute parameters (all-gathered in bf16), fp32 gradient reduction,
     fp32 master shards. On CPU: plain fp32. Build the optimizer *after* this call. Returns the model
@@ -125,9 +126,13 @@ def shard_model(model, info: DistInfo, *, mixed_precision: bool = True, reshard_
     kwargs: dict = dict(mesh=mesh)
     if info.device.type == "cuda" and mixed_precision:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    blocks = list(model.model.layers) + list(getattr(model, "mtp", []))
-    for block in blocks:
+    for block in model.model.layers:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
+    # MTP modules stay gathered from their forward to their backward: the MTP losses (Transformer.mtp_loss,
+    # sft.packed_mtp_loss) call the module's own `shared_head.norm` *after* its forward returns, which
+    # must see the full weight, not the shard. An MTP module is one block per depth, so this costs little.
+    for block in getattr(model, "mtp", []):
+        fully_shard(block, reshard_after_forward=False, **kwargs)
     fully_shard(model, reshard_after_forward=False, **kwargs)  # root: gathered again at once by backward
     # The trainers call forward_hidden, then logits / mtp_loss on its output, never model(...): make
     # forward_hidden gather the root's parameters like forward does. They stay gathered (root:
@@ -225,6 +230,20 @@ def gathered_for_rollout(model, info: DistInfo) -> Iterator[torch.nn.Module]:
     yield refresh_replica(model, info)
 
 
+def reference_replica(model, info: DistInfo, replica=None):
+    """GRPO's KL reference under FSDP: a frozen, plain (unsharded) copy of the sharded `model`'s current
+    weights on this rank, in the rollout dtype (bf16 on CUDA with mixed precision, else the master dtype).
+    Pass the previous replica to refresh it in place (a reference reset) instead of allocating a new one.
+    A collective (one all-gather per parameter): every rank calls it at the same point. Using the replica
+    afterwards involves no collective, so ranks may score different numbers of sequences with it.
+    Memory: one more full copy of the weights per rank (besides the rollout replica), kept for the run."""
+    if replica is None:
+        replica = _plain_model(model.args, info.device, _rollout_dtype(model, info))
+        for p in replica.parameters():
+            p.requires_grad_(False)
+    return refresh_replica(model, info, replica)
+
+
 def release_rollout_replica(model) -> None:
     """Free the replica (e.g. before evaluation at a larger batch or at the end of training)."""
     from r1lab.rollout import release_engines
@@ -263,6 +282,24 @@ def check_whole_groups(prompt_index: Sequence[int], group_size: int) -> None:
         seen |= members
 
 
+def all_gather_objects(obj: T, info: DistInfo) -> list[T]:
+    """Every rank's `obj` (picklable), in rank order, on every rank; [obj] in a single process. A collective."""
+    if not info.is_distributed:
+        return [obj]
+    out: list = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: T, info: DistInfo) -> T:
+    """Rank 0's `obj` on every rank (e.g. a run directory named from the clock). A collective."""
+    if not info.is_distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 # ----------------------------------------------------------------------------- reductions
 def _reduce(values: list[float], info: DistInfo, op) -> list[float]:
     if not info.is_distributed:
@@ -270,6 +307,12 @@ def _reduce(values: list[float], info: DistInfo, op) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=info.device)
     dist.all_reduce(t, op=op)
     return t.tolist()
+
+
+def sums_across_ranks(values: Sequence[float], info: DistInfo) -> list[float]:
+    """Element-wise sums over ranks of a few numbers, in one collective (float64; the values as given
+    with a single process)."""
+    return _reduce([float(v) for v in values], info, dist.ReduceOp.SUM)
 
 
 def sum_across_ranks(x: float, info: DistInfo) -> float:
@@ -301,14 +344,21 @@ def minibatch_plan(n_groups: int, group_size: int, num_minibatches: int, info: D
     return split_minibatches(n_groups, group_size, num_minibatches=k, generator=generator)
 
 
-def dummy_backward(model, info: DistInfo) -> None:
+def dummy_backward(model, info: DistInfo, *, mtp: bool = False) -> None:
     """A forward/backward that contributes zero gradient, so a rank with fewer micro-batches still joins
-    the FSDP all-gathers and reduce-scatters of the others. Runs in eval mode (MoE loads not counted)."""
+    the FSDP all-gathers and reduce-scatters of the others. Runs in eval mode (MoE loads not counted).
+    mtp=True: also through every MTP module, for trainers whose real passes run the MTP loss (SFT,
+    pretraining); the dummy must touch the same FSDP units, in the same order, as a real pass."""
     was_training = model.training
     model.eval()
     try:
-        ids = torch.zeros(1, 1, dtype=torch.long, device=info.device)
-        (model.logits(model.forward_hidden(ids)).float().sum() * 0.0).backward()
+        depth = len(getattr(model, "mtp", [])) if mtp else 0
+        ids = torch.zeros(1, 1 + (depth + 1 if depth else 0), dtype=torch.long, device=info.device)
+        hidden = model.forward_hidden(ids)
+        loss = model.logits(hidden).float().sum()
+        if depth:
+            loss = loss + model.mtp_loss(hidden, ids).float()
+        (loss * 0.0).backward()
     finally:
         model.train(was_training)
 
