@@ -55,6 +55,27 @@ def _processes(device: str):
         D.shutdown(info)
 
 
+@app.command("export-task")
+def export_task(
+    name: str = typer.Argument(..., help="A task spec, e.g. chain_sum (reasoning-gym) or jsonl:PATH."),
+    out: Path = typer.Argument(..., help="Output JSONL ({question, answer} per line)."),
+    train_size: int = typer.Option(4000, help="Problems of the train split."),
+    test_size: int = typer.Option(200, help="Problems of the held-out split (0: none)."),
+    seed: int = typer.Option(0),
+):
+    """Write a task's train + held-out problems (r1lab's default options) to one JSONL file, for machines
+    without reasoning-gym. Train on it with `task.name=jsonl:OUT task.options.holdout_fraction=F`, F as
+    printed: the file then splits into exactly the same train and held-out problems."""
+    from r1lab.tasks.files import write_jsonl_problems
+    from r1lab.tasks.procedural import DEFAULT_HOLDOUT_FRACTION
+    from r1lab.train.grpo import TaskConfig
+
+    spec = TaskConfig(name=name, train_size=train_size, test_size=test_size, seed=seed)
+    problems = spec.load("train").problems + (spec.load("test").problems if test_size else [])
+    n = write_jsonl_problems(problems, str(out))
+    typer.echo(f"wrote {n} problems to {out}; held-out split: holdout_fraction={DEFAULT_HOLDOUT_FRACTION}")
+
+
 def _timestamped_run_dir(kind: str) -> Path:
     import time
 

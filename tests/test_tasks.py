@@ -344,3 +344,23 @@ def test_custom_templates():
     assert render_prompt("plain", "1+1") == "1+1"
     with pytest.raises(ValueError, match="question"):
         render_prompt("no placeholder here", "1+1")
+
+
+def test_export_task_round_trips_to_the_same_splits(tmp_path):
+    """`r1lab export-task` writes train + held-out problems that jsonl:PATH splits back exactly."""
+    from typer.testing import CliRunner
+
+    from r1lab.cli import app
+    from r1lab.train.grpo import TaskConfig
+
+    out = tmp_path / "chain_sum.jsonl"
+    result = CliRunner().invoke(app, ["export-task", "chain_sum", str(out), "--train-size", "40", "--test-size", "12"])
+    assert result.exit_code == 0, result.output
+    fraction = result.output.rsplit("holdout_fraction=", 1)[1].strip()
+    native = TaskConfig(name="chain_sum", train_size=40, test_size=12)
+    exported = TaskConfig(name=f"jsonl:{out}", train_size=40, test_size=12, options={"holdout_fraction": float(fraction)})
+    for split in ("train", "test"):
+        a, b = native.load(split).problems, exported.load(split).problems
+        assert [(p.question, p.gold) for p in a] == [(p.question, p.gold) for p in b]
+    problem = exported.load("test").problems[0]
+    assert exported.load("test").score(problem, f"<think>x</think> <answer>{problem.gold}</answer>") == 1.0

@@ -71,6 +71,10 @@ class PipelineConfig:
     eval_k: int = 8
     """Held-out samples per question (pass@1 is their mean)."""
     eval_max_new_tokens: int = 160
+    sft_tokens_per_step: int = 4096
+    """Tokens per optimizer step of the SFT stages (and per micro-batch)."""
+    device: str = "cpu"
+    """Where every stage runs ("cuda" on a GPU); it overrides the RL stages' own `device`."""
     seed: int = 0
 
 
@@ -78,7 +82,7 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig, out: Path, log=print):
         self.cfg, self.out, self.log = cfg, Path(out), log
         for g in (cfg.zero, cfg.reasoning_rl, cfg.final_rl):
-            g.task = cfg.task
+            g.task, g.device = cfg.task, cfg.device
         self.base_dir = Path(cfg.base) if cfg.base else ASSETS / "r1-tiny"
         self.student_dir = Path(cfg.student) if cfg.student else ASSETS / "r1-tiny-student"
         self._held_out = None
@@ -97,7 +101,7 @@ class Pipeline:
     def load(self, name: str):
         from r1lab.serve import load_model_and_tokenizer
 
-        return load_model_and_tokenizer(self.model_dir(name), dtype="float32")
+        return load_model_and_tokenizer(self.model_dir(name), device=self.cfg.device, dtype="float32")
 
     def evaluate(self, model, tok, name: str) -> dict:
         from r1lab.eval.runner import evaluate
@@ -131,8 +135,9 @@ class Pipeline:
 
         model, tok = self.load(init)
         cfg = SFTConfig(model=str(self.model_dir(init)), data=records, epochs=epochs or self.cfg.sft_epochs,
-                        lr=self.cfg.sft_lr, max_len=384, micro_batch_tokens=4096, tokens_per_step=4096,
-                        warmup_steps=5, save_every=20, seed=self.cfg.seed, log_every=5)
+                        lr=self.cfg.sft_lr, max_len=384, micro_batch_tokens=self.cfg.sft_tokens_per_step,
+                        tokens_per_step=self.cfg.sft_tokens_per_step, warmup_steps=5, save_every=20,
+                        seed=self.cfg.seed, log_every=5, device=self.cfg.device)
         t0 = time.time()
         model = train_sft(cfg, RunDir(self.stage_dir(name)), model=model, tokenizer=tok, log=lambda s: None)
         return self.finish(name, model, tok, {"train_seconds": round(time.time() - t0, 1), "init": init,
@@ -168,9 +173,9 @@ class Pipeline:
         folder = self.out / "reward_model"
         if not (folder / "reward_model").is_dir():
             cfg = RewardModelConfig(model=str(self.student_dir), synthetic_pairs=self.cfg.reward_model_pairs,
-                                    epochs=1, lr=1e-3, seed=self.cfg.seed, save_every=0)
+                                    epochs=1, lr=1e-3, seed=self.cfg.seed, save_every=0, device=self.cfg.device)
             train_reward_model(cfg, RunDir(folder), log=lambda s: None)
-        return BoundedReward(LearnedReward.load(folder / "reward_model"))
+        return BoundedReward(LearnedReward.load(folder / "reward_model", device=self.cfg.device))
 
     def run_stage(self, name: str) -> dict:
         c = self.cfg

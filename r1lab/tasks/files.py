@@ -9,7 +9,7 @@ from typing import Any, Iterator
 from ..rewards.extract import extract_boxed
 from .base import Problem, TaskDataError
 
-__all__ = ["ANSWER_FORMATS", "gold_from_text", "read_jsonl_problems", "read_parquet_problems"]
+__all__ = ["ANSWER_FORMATS", "gold_from_text", "read_jsonl_problems", "read_parquet_problems", "write_jsonl_problems"]
 
 ANSWER_FORMATS = ("auto", "gsm8k", "boxed", "raw")
 
@@ -125,3 +125,17 @@ def read_parquet_problems(path: str, *, question_field: str = "question", answer
     if not problems:
         raise TaskDataError(f"{path}: no rows")
     return problems
+
+
+def write_jsonl_problems(problems: list[Problem], path: str) -> int:
+    """Write math problems as {"question", "answer"} lines that `jsonl:PATH` reads back (answer_format raw),
+    e.g. to train on a machine without reasoning-gym. Returns the number of lines written."""
+    from r1lab.train.run_dir import atomic_write_text
+
+    lines = []
+    for i, p in enumerate(problems):
+        if p.tests is not None:
+            raise TaskDataError(f"problem {i} is a code problem: only math problems can be exported")
+        lines.append(json.dumps({"question": p.question, "answer": p.gold}, ensure_ascii=False) + "\n")
+    atomic_write_text(path, "".join(lines))
+    return len(lines)
