@@ -11,7 +11,8 @@ work, so concurrent requests share decode steps (continuous batching), and hands
 tokens through that request's asyncio queue (`loop.call_soon_threadsafe`). A client that disconnects
 mid-stream has its request aborted, which frees its cache slots.
 
-Failure isolation: requests are validated before they reach the engine (400 errors shaped like OpenAI's).
+Failure isolation: requests are validated before they reach the engine (`validation.py`: 400 errors shaped
+like OpenAI's).
 If `engine.step()` raises anyway, the requests submitted since the last good step are the suspects: they
 fail alone (500), the engine is rebuilt, and every other request resumes where it was (its prompt plus the
 tokens generated so far become the new prompt). When no request was new, all requests in flight fail. The
@@ -40,6 +41,16 @@ from starlette.exceptions import HTTPException
 from r1lab.rollout import Engine, SamplingParams
 
 from .reasoning import IncrementalDetokenizer, ReasoningSplitter, StopStringFilter, render_chat_prompt
+from .validation import (
+    RequestError,
+    Sampling,
+    check_model,
+    completion_prompts,
+    parse_json_body,
+    parse_messages,
+    parse_sampling,
+    token_budget,
+)
 
 logger = logging.getLogger("r1lab.serve")
 
@@ -47,7 +58,7 @@ __all__ = ["BackgroundServer", "EngineWorker", "RequestError", "ServerConfig", "
 
 
 # --------------------------------------------------------------------------------------------------------
-# Configuration and errors
+# Configuration
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -72,18 +83,6 @@ class ServerConfig:
     """Chat prompt format: "auto", "chat" (the tokenizer's chat template) or "r1_zero" (see reasoning.py)."""
     force_think: bool = True
     """End chat prompts with an open <think> block (DeepSeek's advice for R1 models)."""
-
-
-class RequestError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, status: int = 400,
-                 type: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.message, self.param, self.code, self.status, self.type = message, param, code, status, type
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 class EngineFailure(RuntimeError):
@@ -267,132 +266,6 @@ def default_engine_factory(model: Any, max_num_seqs: int, max_model_len: int) ->
 
 
 # --------------------------------------------------------------------------------------------------------
-# Request validation
-# --------------------------------------------------------------------------------------------------------
-
-_CHAT_ROLES = ("system", "developer", "user", "assistant")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _text_content(content: Any, param: str) -> str:
-    """A message's content: a string, or a list of {"type": "text", "text": ...} parts (joined)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for i, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise RequestError(f"{param}[{i}] must be a text part {{'type': 'text', 'text': ...}}; this "
-                                   "server handles text only", param=f"{param}[{i}]")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise RequestError(f"{param} must be a string or a list of text parts", param=param)
-
-
-def parse_messages(value: Any) -> list[dict]:
-    if value is None:
-        raise RequestError("you must provide a 'messages' parameter", param="messages",
-                           code="missing_required_parameter")
-    if not isinstance(value, list) or not value:
-        raise RequestError("'messages' must be a non-empty list of messages", param="messages")
-    messages = []
-    for i, message in enumerate(value):
-        if not isinstance(message, dict):
-            raise RequestError(f"messages[{i}] must be an object with 'role' and 'content'", param=f"messages[{i}]")
-        role = message.get("role")
-        if role not in _CHAT_ROLES:
-            raise RequestError(f"messages[{i}].role must be one of {list(_CHAT_ROLES)}, got {role!r}",
-                               param=f"messages[{i}].role")
-        content = message.get("content")
-        if content is None and role == "assistant":
-            content = ""
-        messages.append({"role": role, "content": _text_content(content, f"messages[{i}].content")})
-    if not any(m["role"] == "user" for m in messages):
-        raise RequestError("'messages' must contain at least one user message", param="messages")
-    return messages
-
-
-@dataclass
-class Sampling:
-    """The sampling fields common to both endpoints, validated."""
-
-    n: int
-    temperature: float
-    top_p: float
-    top_k: int | None
-    max_tokens: int | None
-    stop: list[str]
-    seed: int | None
-    stream: bool
-    include_usage: bool
-
-
-def parse_sampling(body: dict, config: ServerConfig, limit: int) -> Sampling:
-    def number(name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
-        value = body.get(name)
-        if value is None:
-            return default
-        if not _is_number(value) or not (low < value if low_open else low <= value) or value > high:
-            interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-            raise RequestError(f"'{name}' must be a number in {interval}, got {value!r}", param=name,
-                               code="invalid_value")
-        return float(value)
-
-    temperature = number("temperature", config.default_temperature, 0.0, 2.0)
-    top_p = number("top_p", config.default_top_p, 0.0, 1.0, low_open=True)
-    top_k = body.get("top_k")
-    if top_k is not None and (not _is_int(top_k) or top_k < -1):
-        raise RequestError(f"'top_k' must be an integer >= -1 (-1 or 0: off), got {top_k!r}", param="top_k")
-    n = 1 if body.get("n") is None else body["n"]
-    if not _is_int(n) or not 1 <= n <= config.max_n:
-        raise RequestError(f"'n' must be an integer in [1, {config.max_n}], got {n!r}", param="n", code="invalid_value")
-    max_tokens = None
-    for name in ("max_completion_tokens", "max_tokens"):
-        value = body.get(name)
-        if value is None:
-            continue
-        if not _is_int(value) or value < 1:
-            raise RequestError(f"'{name}' must be a positive integer, got {value!r}", param=name, code="invalid_value")
-        if value > limit:
-            raise RequestError(f"'{name}' is {value}, above this server's limit of {limit}", param=name,
-                               code="invalid_value")
-        max_tokens = value
-        break
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or len(stop) > 16 or not all(isinstance(s, str) and s for s in stop):
-        raise RequestError("'stop' must be a non-empty string or a list of at most 16 non-empty strings",
-                           param="stop")
-    seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise RequestError(f"'seed' must be an integer, got {seed!r}", param="seed")
-    stream = body.get("stream") or False
-    if not isinstance(stream, bool):
-        raise RequestError("'stream' must be a boolean", param="stream")
-    options = body.get("stream_options")
-    if options is not None and (not isinstance(options, dict) or not stream):
-        raise RequestError("'stream_options' must be an object and is only allowed with stream=true",
-                           param="stream_options")
-    unsupported = [name for name in ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions")
-                   if body.get(name)] + (["best_of"] if body.get("best_of") not in (None, 1) else [])
-    if unsupported:
-        raise RequestError(f"'{unsupported[0]}' is not supported by this server", param=unsupported[0],
-                           code="unsupported_parameter")
-    return Sampling(n, temperature, top_p, None if not top_k or top_k < 1 else top_k, max_tokens, stop,
-                    seed, stream, bool((options or {}).get("include_usage")))
-
-
-# --------------------------------------------------------------------------------------------------------
 # One choice's text stream (consumer side, in the event loop)
 # --------------------------------------------------------------------------------------------------------
 
@@ -468,55 +341,6 @@ class _Server:
         num_seqs = config.max_num_seqs or (256 if cuda else 64)
         self.worker = EngineWorker(engine_factory or default_engine_factory(model, num_seqs, self.max_model_len))
         self.created = int(time.time())
-
-    # -- prompt tokens ----------------------------------------------------------------------------------
-    def check_model(self, body: dict) -> None:
-        model = body.get("model")
-        if model is not None and model != self.config.model_name:
-            raise RequestError(f"The model '{model}' does not exist; this server serves '{self.config.model_name}'",
-                               param="model", code="model_not_found", status=404)
-
-    def room(self, prompt_len: int, sampling: Sampling, param: str, default: int | None) -> int:
-        """max_new_tokens for a prompt: the request's max_tokens (or the default), checked against the context."""
-        free = self.max_model_len - prompt_len
-        if sampling.max_tokens is None:
-            wanted = min(default or self.limit, self.limit)
-            if free < 1:
-                raise RequestError(f"This model's maximum context length is {self.max_model_len} tokens, and the "
-                                   f"{param} alone has {prompt_len}", param=param, code="context_length_exceeded")
-            return min(wanted, free)
-        if prompt_len + sampling.max_tokens > self.max_model_len:
-            raise RequestError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{prompt_len + sampling.max_tokens} tokens ({prompt_len} in the {param}, {sampling.max_tokens} "
-                "in the completion). Please reduce the length of the prompt or the completion.",
-                param=param, code="context_length_exceeded")
-        return sampling.max_tokens
-
-    def completion_prompts(self, value: Any) -> list[list[int]]:
-        """/v1/completions `prompt`: a string, a list of strings, a list of token ids, or a list of those."""
-        if value is None:
-            raise RequestError("you must provide a 'prompt' parameter", param="prompt",
-                               code="missing_required_parameter")
-        if isinstance(value, str) or (isinstance(value, list) and value and all(_is_int(t) for t in value)):
-            value = [value]
-        if not isinstance(value, list) or not value:
-            raise RequestError("'prompt' must be a string, a list of strings or a list of token-id lists",
-                               param="prompt")
-        prompts = []
-        for i, item in enumerate(value):
-            if isinstance(item, str):
-                ids = self.tokenizer.encode(item, add_bos=True)
-            elif isinstance(item, list) and all(_is_int(t) for t in item):
-                ids = list(item)
-                if any(not 0 <= t < self.vocab_size for t in ids):
-                    raise RequestError(f"prompt[{i}] has token ids outside [0, {self.vocab_size})", param="prompt")
-            else:
-                raise RequestError(f"prompt[{i}] must be a string or a list of token ids", param="prompt")
-            if not ids:
-                raise RequestError(f"prompt[{i}] is empty", param="prompt")
-            prompts.append(ids)
-        return prompts
 
     # -- submission -----------------------------------------------------------------------------------------
     def submit(self, prompts: list[list[int]], sampling: Sampling, max_new_tokens: list[int]) -> _Submission:
@@ -627,16 +451,6 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "r1lab", max_mod
                             status=500).body()
         return JSONResponse(body, status_code=500)
 
-    async def json_body(request: Request) -> dict:
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise RequestError(f"We could not parse the JSON body of your request: {error}") from None
-        if not isinstance(body, dict):
-            raise RequestError("the request body must be a JSON object")
-        return body
-
     @app.get("/health")
     async def health():
         if server.worker.error is not None:
@@ -652,13 +466,14 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "r1lab", max_mod
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await json_body(request)
-        server.check_model(body)
+        body = parse_json_body(await request.body())
+        check_model(body, config.model_name)
         messages = parse_messages(body.get("messages"))
         sampling = parse_sampling(body, config, server.limit)
         rendered = render_chat_prompt(tokenizer, messages, template=config.template, force_think=config.force_think)
         prompt = tokenizer.encode(rendered.text, add_bos=rendered.template == "r1_zero")
-        budget = server.room(len(prompt), sampling, "messages", None)
+        budget = token_budget(len(prompt), sampling, max_model_len=server.max_model_len, limit=server.limit,
+                              param="messages", default=None)
         choices = [ChoiceStream(tokenizer, set(server.stop_ids), sampling.stop,
                                 ReasoningSplitter(starts_in_think=rendered.starts_in_think))
                    for _ in range(sampling.n)]
@@ -675,11 +490,12 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "r1lab", max_mod
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await json_body(request)
-        server.check_model(body)
+        body = parse_json_body(await request.body())
+        check_model(body, config.model_name)
         sampling = parse_sampling(body, config, server.limit)
-        prompts = server.completion_prompts(body.get("prompt"))
-        budgets = [server.room(len(p), sampling, "prompt", config.default_completions_max_tokens) for p in prompts]
+        prompts = completion_prompts(body.get("prompt"), tokenizer, server.vocab_size)
+        budgets = [token_budget(len(p), sampling, max_model_len=server.max_model_len, limit=server.limit,
+                                param="prompt", default=config.default_completions_max_tokens) for p in prompts]
         choices = [ChoiceStream(tokenizer, set(server.stop_ids), sampling.stop, None)
                    for _ in range(len(prompts) * sampling.n)]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": config.model_name}

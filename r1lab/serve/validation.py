@@ -1,0 +1,219 @@
+"""Request validation for the HTTP server: every check a request passes before it reaches the engine, and
+the error it gets when it fails one, shaped like OpenAI's ({"error": {"message", "type", "param", "code"}},
+status 400 unless said otherwise).
+
+Pure Python (no FastAPI), so the rules can be read, and tested, without a server: `parse_messages` and
+`parse_sampling` read the JSON body; `check_model`, `completion_prompts` and `token_budget` check it against
+what the served model allows (its name, vocabulary and context length).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .server import ServerConfig
+
+__all__ = ["RequestError", "Sampling", "check_model", "completion_prompts", "parse_json_body", "parse_messages",
+           "parse_sampling", "token_budget"]
+
+
+class RequestError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, status: int = 400,
+                 type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.message, self.param, self.code, self.status, self.type = message, param, code, status, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def parse_json_body(raw: bytes) -> dict:
+    """The request body as a JSON object."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RequestError(f"We could not parse the JSON body of your request: {error}") from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    return body
+
+
+def check_model(body: dict, served: str) -> None:
+    """`model`, if given, must be the id this server serves (404 model_not_found otherwise)."""
+    model = body.get("model")
+    if model is not None and model != served:
+        raise RequestError(f"The model '{model}' does not exist; this server serves '{served}'",
+                           param="model", code="model_not_found", status=404)
+
+
+_CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _text_content(content: Any, param: str) -> str:
+    """A message's content: a string, or a list of {"type": "text", "text": ...} parts (joined)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise RequestError(f"{param}[{i}] must be a text part {{'type': 'text', 'text': ...}}; this "
+                                   "server handles text only", param=f"{param}[{i}]")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise RequestError(f"{param} must be a string or a list of text parts", param=param)
+
+
+def parse_messages(value: Any) -> list[dict]:
+    if value is None:
+        raise RequestError("you must provide a 'messages' parameter", param="messages",
+                           code="missing_required_parameter")
+    if not isinstance(value, list) or not value:
+        raise RequestError("'messages' must be a non-empty list of messages", param="messages")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise RequestError(f"messages[{i}] must be an object with 'role' and 'content'", param=f"messages[{i}]")
+        role = message.get("role")
+        if role not in _CHAT_ROLES:
+            raise RequestError(f"messages[{i}].role must be one of {list(_CHAT_ROLES)}, got {role!r}",
+                               param=f"messages[{i}].role")
+        content = message.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        messages.append({"role": role, "content": _text_content(content, f"messages[{i}].content")})
+    if not any(m["role"] == "user" for m in messages):
+        raise RequestError("'messages' must contain at least one user message", param="messages")
+    return messages
+
+
+@dataclass
+class Sampling:
+    """The sampling fields common to both endpoints, validated."""
+
+    n: int
+    temperature: float
+    top_p: float
+    top_k: int | None
+    max_tokens: int | None
+    stop: list[str]
+    seed: int | None
+    stream: bool
+    include_usage: bool
+
+
+def parse_sampling(body: dict, config: ServerConfig, limit: int) -> Sampling:
+    def number(name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+        value = body.get(name)
+        if value is None:
+            return default
+        if not _is_number(value) or not (low < value if low_open else low <= value) or value > high:
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise RequestError(f"'{name}' must be a number in {interval}, got {value!r}", param=name,
+                               code="invalid_value")
+        return float(value)
+
+    temperature = number("temperature", config.default_temperature, 0.0, 2.0)
+    top_p = number("top_p", config.default_top_p, 0.0, 1.0, low_open=True)
+    top_k = body.get("top_k")
+    if top_k is not None and (not _is_int(top_k) or top_k < -1):
+        raise RequestError(f"'top_k' must be an integer >= -1 (-1 or 0: off), got {top_k!r}", param="top_k")
+    n = 1 if body.get("n") is None else body["n"]
+    if not _is_int(n) or not 1 <= n <= config.max_n:
+        raise RequestError(f"'n' must be an integer in [1, {config.max_n}], got {n!r}", param="n", code="invalid_value")
+    max_tokens = None
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not _is_int(value) or value < 1:
+            raise RequestError(f"'{name}' must be a positive integer, got {value!r}", param=name, code="invalid_value")
+        if value > limit:
+            raise RequestError(f"'{name}' is {value}, above this server's limit of {limit}", param=name,
+                               code="invalid_value")
+        max_tokens = value
+        break
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > 16 or not all(isinstance(s, str) and s for s in stop):
+        raise RequestError("'stop' must be a non-empty string or a list of at most 16 non-empty strings",
+                           param="stop")
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise RequestError(f"'seed' must be an integer, got {seed!r}", param="seed")
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise RequestError("'stream' must be a boolean", param="stream")
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or not stream):
+        raise RequestError("'stream_options' must be an object and is only allowed with stream=true",
+                           param="stream_options")
+    unsupported = [name for name in ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions")
+                   if body.get(name)] + (["best_of"] if body.get("best_of") not in (None, 1) else [])
+    if unsupported:
+        raise RequestError(f"'{unsupported[0]}' is not supported by this server", param=unsupported[0],
+                           code="unsupported_parameter")
+    return Sampling(n, temperature, top_p, None if not top_k or top_k < 1 else top_k, max_tokens, stop,
+                    seed, stream, bool((options or {}).get("include_usage")))
+
+
+def completion_prompts(value: Any, tokenizer: Any, vocab_size: int) -> list[list[int]]:
+    """/v1/completions `prompt`: a string, a list of strings, a list of token ids, or a list of those."""
+    if value is None:
+        raise RequestError("you must provide a 'prompt' parameter", param="prompt",
+                           code="missing_required_parameter")
+    if isinstance(value, str) or (isinstance(value, list) and value and all(_is_int(t) for t in value)):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise RequestError("'prompt' must be a string, a list of strings or a list of token-id lists",
+                           param="prompt")
+    prompts = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            ids = tokenizer.encode(item, add_bos=True)
+        elif isinstance(item, list) and all(_is_int(t) for t in item):
+            ids = list(item)
+            if any(not 0 <= t < vocab_size for t in ids):
+                raise RequestError(f"prompt[{i}] has token ids outside [0, {vocab_size})", param="prompt")
+        else:
+            raise RequestError(f"prompt[{i}] must be a string or a list of token ids", param="prompt")
+        if not ids:
+            raise RequestError(f"prompt[{i}] is empty", param="prompt")
+        prompts.append(ids)
+    return prompts
+
+
+def token_budget(prompt_len: int, sampling: Sampling, *, max_model_len: int, limit: int, param: str,
+                 default: int | None) -> int:
+    """max_new_tokens for a prompt: the request's max_tokens (or `default`, else `limit`), checked against the
+    context of max_model_len tokens; `param` names the prompt's field in the error."""
+    free = max_model_len - prompt_len
+    if sampling.max_tokens is None:
+        wanted = min(default or limit, limit)
+        if free < 1:
+            raise RequestError(f"This model's maximum context length is {max_model_len} tokens, and the "
+                               f"{param} alone has {prompt_len}", param=param, code="context_length_exceeded")
+        return min(wanted, free)
+    if prompt_len + sampling.max_tokens > max_model_len:
+        raise RequestError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_len + sampling.max_tokens} tokens ({prompt_len} in the {param}, {sampling.max_tokens} "
+            "in the completion). Please reduce the length of the prompt or the completion.",
+            param=param, code="context_length_exceeded")
+    return sampling.max_tokens
