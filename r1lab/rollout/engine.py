@@ -119,12 +119,17 @@ class Engine:
     cuda_graphs: capture the decode step (CUDA only; default on). lookahead: 0 or 1 (default 1 on CUDA).
     fast_decode: decode dense GQA models with fused kernels (fast_decode.py; default on CUDA with Triton;
     True on CPU runs the same structure with plain torch ops, for tests).
+    fused_proj, decode_attention: options of the fast decode path (fast_decode.FastDecoder; None = the module
+    defaults: fused q|k|v and gate|up GEMMs, and the valid-length attention kernel on CUDA). The fused weights
+    are copies the engine refreshes from the model by itself (when a batch starts, and when a parameter's
+    version counter moved), so in-place training updates need no call.
     """
 
     def __init__(self, model, *, num_slots: int | None = None, max_len: int | None = None,
                  kv_cache_bytes: int | None = None, cache_dtype: torch.dtype | None = None,
                  prefill_tokens: int | None = None, prefill_chunk: int | None = None,
-                 cuda_graphs: bool | None = None, lookahead: int | None = None, fast_decode: bool | None = None):
+                 cuda_graphs: bool | None = None, lookahead: int | None = None, fast_decode: bool | None = None,
+                 fused_proj: bool | None = None, decode_attention: bool | None = None):
         self.model, self.args = model, model.args
         self.options: dict = {}  # what generate() built this engine with (it reuses it for the same options)
         weight = model.lm_head.weight
@@ -144,7 +149,8 @@ class Engine:
         if fast_decode is None:
             fast_decode = cuda and _triton is not None
         use_fast = fast_decode and fast_decode_supported(model)
-        self.fast = FastDecoder(model, self.cache, use_triton=cuda) if use_fast else None
+        self.fast = FastDecoder(model, self.cache, use_triton=cuda, fused_proj=fused_proj,
+                                decode_attention=decode_attention) if use_fast else None
         use_graphs = cuda if cuda_graphs is None else cuda_graphs and cuda
         self.graphs = DecodeGraphs(self._decode_into, num_slots, self.args.vocab_size, weight.dtype,
                                    self.device) if use_graphs else None
@@ -275,6 +281,8 @@ class Engine:
             self.model.eval()
             self._restore_training = True
         with torch.inference_mode():
+            if self.fast is not None and not self.running and self.waiting:
+                self.fast.sync_weights(force=True)  # a batch starts: the trainer may have changed the weights
             self._admit()
             self._compact()
             if self.running:
@@ -406,6 +414,8 @@ class Engine:
         rows = [(i, s) for i, s in enumerate(self.slots) if s is not None]
         batch = rows[-1][0] + 1
         kv_len = min(max(s.fed for _, s in rows) + 1, self.max_len)
+        if self.fast is not None:
+            self.fast.sync_weights()  # only if a parameter was written in place while requests ran
         logits = None
         if self.graphs is not None:
             batch, kv_len = batch_bucket(batch), kv_bucket(kv_len, self.max_len)
