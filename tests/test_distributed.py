@@ -62,9 +62,20 @@ def _train_step(model, opt, seqs, masks, adv, info, total_tokens: float, scale: 
     return norm, loads
 
 
-def _worker(rank: int, port: int, preset_name: str, tmp: str, errors) -> None:
+# ----------------------------------------------------------------------------- spawning (other test files use these)
+def join_group(rank: int, port: int) -> D.DistInfo:
+    """In a spawned worker: join the WORLD-process gloo group on 127.0.0.1:port as torchrun would."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    info = D.init_distributed("cpu")
+    assert info.is_distributed and info.world_size == WORLD and info.rank == rank
+    return info
+
+
+def _worker(rank: int, fn, port: int, args: tuple, errors) -> None:
     try:
-        _check(rank, port, preset_name, tmp)
+        fn(rank, port, *args)
     except BaseException:  # noqa: BLE001 - report to the parent with the traceback
         errors.put(f"rank {rank}: {traceback.format_exc()}")
         raise
@@ -73,15 +84,26 @@ def _worker(rank: int, port: int, preset_name: str, tmp: str, errors) -> None:
             dist.destroy_process_group()
 
 
+def spawn_ranks(fn, *args) -> None:
+    """Run fn(rank, port, *args) in WORLD spawned processes (fn: a module-level function, so the children
+    can import it); fails the test with every rank's traceback if one raises."""
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    try:
+        mp.start_processes(_worker, args=(fn, _free_port(), args, errors), nprocs=WORLD, join=True,
+                           start_method="spawn")
+    except Exception:  # noqa: BLE001
+        msgs = []
+        while not errors.empty():
+            msgs.append(errors.get())
+        pytest.fail("\n".join(msgs) or traceback.format_exc())
+
+
 def _check(rank: int, port: int, preset_name: str, tmp: str) -> None:
     import r1lab.model as rm
     from r1lab.rollout import SamplingParams, generate
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
-    info = D.init_distributed("cpu")
-    assert info.is_distributed and info.world_size == WORLD and info.rank == rank
+    info = join_group(rank, port)
     assert os.environ["NCCL_NVLS_ENABLE"] == "0"
 
     args = rm.preset(preset_name, moe_impl="loop") if "moe" in preset_name else rm.preset(preset_name)
@@ -177,16 +199,7 @@ def test_two_process_fsdp_matches_single_process(preset_name, tmp_path):
     import r1lab.model as rm
     from r1lab.train.checkpoint import load_latest_checkpoint
 
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    try:
-        mp.start_processes(_worker, args=(_free_port(), preset_name, str(tmp_path), errors), nprocs=WORLD,
-                           join=True, start_method="spawn")
-    except Exception:  # noqa: BLE001
-        msgs = []
-        while not errors.empty():
-            msgs.append(errors.get())
-        pytest.fail("\n".join(msgs) or traceback.format_exc())
+    spawn_ranks(_check, preset_name, str(tmp_path))
 
     # resume with a different number of processes: the 2-rank sharded state into one plain process
     args = rm.preset(preset_name, moe_impl="loop") if "moe" in preset_name else rm.preset(preset_name)

@@ -117,8 +117,6 @@ class Trainer:
         self.cfg, self.model, self.tok, self.run_dir = cfg, model, tokenizer, run_dir
         self.dist = dist or D.single_process(cfg.device)
         if self.dist.is_distributed:  # shard before the optimizer sees the parameters
-            if cfg.objective.beta > 0:
-                raise NotImplementedError("a KL reference model is not supported with FSDP yet (beta must be 0)")
             D.shard_model(model, self.dist)
         self.device = self.dist.device if self.dist.is_distributed else torch.device(cfg.device)
         self._policy = model  # what generate() runs on (the gathered replica under FSDP)
@@ -138,6 +136,8 @@ class Trainer:
         self.last_samples: list[dict] = []
 
     def _snapshot(self):
+        if self.dist.is_distributed:  # a frozen plain replica per rank, refreshed in place on a reset
+            return D.reference_replica(self.model, self.dist, getattr(self, "ref", None))
         ref = copy.deepcopy(self.model).eval()
         for p in ref.parameters():
             p.requires_grad_(False)
@@ -301,6 +301,8 @@ class Trainer:
 
     def _reference_logprobs(self, seqs, masks) -> list[torch.Tensor]:
         out: list[torch.Tensor | None] = [None] * len(seqs)
+        if not seqs:  # a rank left without groups this step (the replica needs no collective)
+            return []
         with torch.no_grad():
             for pack in _pack(self.cfg, seqs, masks):
                 pack = pack.to(self.device)

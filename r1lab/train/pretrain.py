@@ -8,6 +8,7 @@ MTP loss → an HF checkpoint folder with the tokenizer beside it.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 import r1lab.model as rm
 from r1lab.corpus import CorpusConfig, generate_corpus, pretrain_texts
 from r1lab.tokenizer import Tokenizer, train_bpe
+from r1lab.train import distributed as D
 from r1lab.train.optim import adamw, warmup_cosine_lr
 from r1lab.train.run_dir import RunDir
 
@@ -80,50 +82,98 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
     return warmup_cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
 
 
-def pretrain(cfg: PretrainConfig, run_dir: RunDir, log=print) -> Path:
-    """Train the base model; write it (with its tokenizer) to run_dir/model and metrics to metrics.jsonl."""
+def pretrain(cfg: PretrainConfig, run_dir: RunDir, log=print, dist: D.DistInfo | None = None) -> Path:
+    """Train the base model; write it (with its tokenizer) to run_dir/model and metrics to metrics.jsonl.
+
+    dist (from distributed.init_distributed() under torchrun): data-parallel with FSDP2. Every rank builds
+    the same tokenizer and rows (seeded; checked identical), draws the same global batch of batch_size rows
+    and trains on its share of them; the loss is scaled so the gradient is the single-process one. Rank 0
+    alone logs and writes run_dir/model (one consolidated Hugging Face folder)."""
+    info = dist or D.single_process(cfg.device)
+    main = info.is_main
+    if not main:
+        log = _quiet
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     tok = build_tokenizer(cfg)
     docs = generate_corpus(cfg.corpus, n_docs=cfg.n_docs, seed=cfg.seed)
     rows = pack_rows(docs, tok, cfg.seq_len, cfg.seed)
+    if info.is_distributed:
+        _check_same_rows(rows, info)
     log(f"corpus: {len(docs)} docs, {rows.numel():,} tokens in {len(rows)} rows; vocab {tok.vocab_size} ({time.time() - t0:.0f}s)")
 
     args = rm.ModelArgs(**{**cfg.model, "vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id,
                            "bos_token_id": tok.bos_id, "pad_token_id": tok.pad_id})
-    device = torch.device(cfg.device)
+    device = info.device if info.is_distributed else torch.device(cfg.device)
     # fp32 master weights; "bfloat16" means bf16 autocast for the matmuls (CUDA), never bf16 weight updates.
     model = rm.build(args, seed=cfg.seed).to(device=device).train()
+    if info.is_distributed:  # before the optimizer sees the parameters
+        D.shard_model(model, info)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16" and device.type == "cuda")
     log(f"model: {model.num_parameters():,} params ({model.num_parameters(active=True):,} active)")
     opt = adamw(model, cfg.lr, cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
+    use_mtp = bool(cfg.mtp_weight and model.mtp)
     for step in range(cfg.steps):
-        batch = rows[torch.randint(0, len(rows), (cfg.batch_size,), generator=gen)].to(device)
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+        picks = torch.randint(0, len(rows), (cfg.batch_size,), generator=gen)  # the same global batch on every rank
+        if info.is_distributed:
+            picks = picks[slice(*D.share_bounds(cfg.batch_size, info))]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        with autocast:
-            hidden = model.forward_hidden(inputs)
-            logits = model.logits(hidden).float()
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-            total = loss
-            if cfg.mtp_weight and model.mtp:
-                total = total + cfg.mtp_weight * model.mtp_loss(hidden, inputs)
-        aux = model.aux_loss()
-        if aux is not None:
-            total = total + aux
         opt.zero_grad(set_to_none=True)
-        total.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if len(picks):
+            batch = rows[picks].to(device)
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            with autocast:
+                hidden = model.forward_hidden(inputs)
+                logits = model.logits(hidden).float()
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+                total = loss
+                if use_mtp:
+                    total = total + cfg.mtp_weight * model.mtp_loss(hidden, inputs)
+            aux = model.aux_loss()
+            if aux is not None:
+                total = total + aux
+            if info.world_size > 1:
+                # Every term is a mean over equally long rows: weight this rank's means by its share of the
+                # rows, × world because FSDP averages gradients over ranks.
+                total = total * (len(picks) * info.world_size / cfg.batch_size)
+            total.backward()
+        else:  # fewer rows than ranks: join the others' FSDP collectives with a zero gradient
+            loss = torch.zeros((), device=device)
+            D.dummy_backward(model, info, mtp=use_mtp)
+        grad_norm = D.clip_grad_norm(model, cfg.grad_clip)
         opt.step()
+        D.all_reduce_expert_loads(model, info)  # global loads: the same bias update on every rank
+        logging = step % cfg.log_every == 0 or step == cfg.steps - 1
+        balance = model.expert_load_balance() if logging else None  # before the bias update resets the loads
         model.update_router_bias(cfg.router_bias_gamma)
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            run_dir.log_metrics(step, {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr_at(step, cfg),
-                                       "expert_load_max_over_mean": model.expert_load_balance() or 0.0})
-            log(f"step {step:5d}  loss {loss.item():.3f}  grad_norm {grad_norm.item():.2f}  lr {lr_at(step, cfg):.2e}  {time.time() - t0:.0f}s")
+        if logging:
+            loss_value = loss.item()
+            if info.is_distributed:  # mean over all rows of the global batch
+                loss_value = D.sum_across_ranks(loss_value * len(picks), info) / cfg.batch_size
+            if main:
+                run_dir.log_metrics(step, {"loss": loss_value, "grad_norm": grad_norm, "lr": lr_at(step, cfg),
+                                           "expert_load_max_over_mean": balance or 0.0})
+            log(f"step {step:5d}  loss {loss_value:.3f}  grad_norm {grad_norm:.2f}  lr {lr_at(step, cfg):.2e}  {time.time() - t0:.0f}s")
     model.eval()
     target = run_dir.path / "model"
-    rm.save(model, target)
-    tok.save(target)
+    if info.is_distributed:
+        D.save_consolidated(model, info, target)  # gathers: every rank; rank 0 writes
+    else:
+        rm.save(model, target)
+    if main:
+        tok.save(target)
+    D.barrier(info)
     return target
+
+
+def _check_same_rows(rows: torch.Tensor, info: D.DistInfo) -> None:
+    """Every rank built its tokenizer and rows itself (seeded): make sure they agree before training."""
+    digest = float(int.from_bytes(hashlib.blake2b(rows.numpy().tobytes(), digest_size=6).digest(), "big"))
+    if D.max_across_ranks(digest, info) != D.min_across_ranks(digest, info):
+        raise RuntimeError("ranks built different training rows (tokenizer or corpus not deterministic)")
+
+
+def _quiet(_: str) -> None:
+    pass

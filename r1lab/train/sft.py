@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 import r1lab.model as rm
 from r1lab.tokenizer import Tokenizer, load_tokenizer
+from r1lab.train import distributed as D
 from r1lab.train.batching import PackedBatch, pack_sequences
-from r1lab.train.checkpoint import load_latest_checkpoint, restore, save_checkpoint
+from r1lab.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from r1lab.train.logprobs import logprobs_from_hidden
 from r1lab.train.optim import adamw, warmup_cosine_lr  # noqa: F401 (re-exported)
 from r1lab.train.run_dir import RunDir
@@ -331,25 +332,53 @@ def _config_for_yaml(cfg: SFTConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- trainer
+def _pad_to(batch: PackedBatch, length: int) -> PackedBatch:
+    """Right-pad a one-row-or-more packed batch to `length` columns with padding (doc id -1, no target, no
+    loss): the model's block-causal mask keeps real tokens from seeing it."""
+    extra = length - batch.input_ids.shape[1]
+    if extra <= 0:
+        return batch
+    pad = {"input_ids": 0, "positions": 0, "doc_ids": -1, "targets": -1, "loss_mask": False}
+    t = {k: F.pad(getattr(batch, k), (0, extra), value=v) for k, v in pad.items()}
+    return PackedBatch(**t, seq_index=batch.seq_index, spans=batch.spans)
+
+
 def train_sft(cfg: SFTConfig, run_dir: RunDir | str | Path, model=None, tokenizer: Tokenizer | None = None,
-              *, log: Callable[[str], None] = print, on_step: Callable[[int, dict], None] | None = None):
+              *, log: Callable[[str], None] = print, on_step: Callable[[int, dict], None] | None = None,
+              dist: D.DistInfo | None = None):
     """Fine-tune on cfg.data; returns the trained model (eval mode) and writes run_dir/model (+ tokenizer).
 
     model/tokenizer: objects to train in place instead of loading cfg.model / cfg.tokenizer.
     on_step(step, metrics): called after every optimizer step (and its checkpoint); raising in it stops
     the run the way a crash would (tests use it).
     With cfg.resume, a run directory that holds a checkpoint continues from it exactly.
+
+    dist (from distributed.init_distributed() under torchrun): data-parallel with FSDP2. The model is
+    loaded on dist.device and sharded in place; every rank takes its share of each step's examples (the
+    same global steps as one process), the loss is normalized by the global response-token count, so the
+    gradient is the single-process one. Rank 0 alone logs (log, metrics, TensorBoard, on_step, summary)
+    and writes run_dir/model as one consolidated Hugging Face folder; checkpoints add the sharded
+    model+optimizer state (distributed.save_checkpoint) and resume with any number of processes. Every
+    rank returns the *sharded* model: use distributed.gathered_for_rollout / save_consolidated with it.
     """
+    info = dist or D.single_process(cfg.device)
+    main = info.is_main
+    if not main:
+        log = _quiet
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    model, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer, seed=cfg.seed, device=cfg.device,
+    device = info.device if info.is_distributed else torch.device(cfg.device)
+    model, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer, seed=cfg.seed, device=str(device),
                                           dtype=cfg.dtype, model=model, tokenizer=tokenizer)
     data = encode_dataset(load_records(cfg.data), tok, cfg)
     lengths = [len(s) for s in data.seqs]
     plan = plan_steps(lengths, cfg.tokens_per_step, cfg.epochs, cfg.seed)
     total_steps = len(plan)
     log(f"sft: {len(data.seqs)} examples ({data.dropped} dropped, {data.truncated} truncated as over "
-        f"max_len={cfg.max_len}), {sum(lengths):,} tokens, {total_steps} steps over {cfg.epochs} epochs")
+        f"max_len={cfg.max_len}), {sum(lengths):,} tokens, {total_steps} steps over {cfg.epochs} epochs"
+        + (f", {info.world_size} processes" if info.is_distributed else ""))
 
+    if info.is_distributed:  # before the optimizer sees the parameters
+        D.shard_model(model, info)
     model.train()
     model.gradient_checkpointing = cfg.gradient_checkpointing
     opt = adamw(model, cfg.lr, cfg.weight_decay)
@@ -357,32 +386,40 @@ def train_sft(cfg: SFTConfig, run_dir: RunDir | str | Path, model=None, tokenize
     start, first_loss, last_loss = 0, None, None
     found = load_latest_checkpoint(run_dir.path) if cfg.resume else None
     if found is not None:
-        extra = restore(found[1], model, opt)
+        extra = D.restore_checkpoint(found[1], model, opt, None, info)  # a sharded one: any process count
         if extra.get("fingerprint") != fingerprint:
             raise ValueError(f"{found[1]}: checkpoint was made for different data or settings "
                              f"({extra.get('fingerprint')} vs now {fingerprint}); use a new run directory")
         start = extra["step"]
         first_loss, last_loss = extra.get("first_loss"), extra.get("last_loss")
-        run_dir.close()
-        run_dir = RunDir(run_dir.path, resume_step=start - 1)
+        if main:  # drops the log lines past the checkpoint
+            run_dir.close()
+            run_dir = RunDir(run_dir.path, resume_step=start - 1)
         log(f"sft: resumed from {found[1]} at step {start}")
-    run_dir.write_config(_config_for_yaml(cfg))
+    if main:
+        run_dir.write_config(_config_for_yaml(cfg))
 
-    device = torch.device(cfg.device)
     use_mtp = cfg.mtp_weight > 0 and len(model.mtp) > 0
+    # Sharded: every pass must run every MTP depth (an FSDP unit skipped on one rank would desynchronize
+    # the collectives), so a row too short for the deepest one is padded (a few pad tokens, MoE routes them).
+    min_len = len(model.mtp) + 2 if use_mtp and info.is_distributed else 0
     for step in range(start, total_steps):
         t0 = time.time()
         epoch, members = plan[step]
         lr = warmup_cosine_lr(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
-        batches = pack_sequences([data.seqs[i] for i in members], [data.masks[i] for i in members],
-                                 cfg.micro_batch_tokens)
-        step_tokens = sum(int(b.loss_mask.sum()) for b in batches)
+        mine = D.rank_share(members, info) if info.is_distributed else members
+        batches = pack_sequences([data.seqs[i] for i in mine], [data.masks[i] for i in mine],
+                                 cfg.micro_batch_tokens) if mine else []
+        # global counts (the values themselves with one process): response tokens, micro-batches, passes
+        step_tokens, n_batches = (int(x) for x in D.sums_across_ranks(
+            [sum(int(b.loss_mask.sum()) for b in batches), len(batches)], info))
+        n_passes = D.max_across_ranks(len(batches), info)
         ce_total = mtp_total = mtp_count = torch.zeros((), device=device)  # summed on device: one sync per step
         opt.zero_grad(set_to_none=True)
         for batch in batches:
-            batch = batch.to(device)
+            batch = _pad_to(batch, min_len).to(device)
             sums = sft_loss_sums(model, batch, chunk_size=cfg.chunk_size, with_mtp=use_mtp)
             # Normalizing by the step's response tokens makes the accumulated gradient that of one big batch.
             loss = sums["ce_sum"] / max(step_tokens, 1)
@@ -392,42 +429,62 @@ def train_sft(cfg: SFTConfig, run_dir: RunDir | str | Path, model=None, tokenize
                 mtp_count = mtp_count + sums["mtp_tokens"]
             aux = model.aux_loss()
             if aux is not None:
-                loss = loss + aux / len(batches)
+                loss = loss + aux / n_batches
+            if info.world_size > 1:  # FSDP averages gradients over ranks: undo it, Σ over ranks remains
+                loss = loss * info.world_size
             loss.backward()
             ce_total = ce_total + sums["ce_sum"].detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        for _ in range(n_passes - len(batches)):  # join the other ranks' FSDP collectives, zero gradient
+            D.dummy_backward(model, info, mtp=use_mtp)
+        grad_norm = D.clip_grad_norm(model, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         opt.step()
+        D.all_reduce_expert_loads(model, info)  # global loads: the same bias update on every rank
         balance = model.expert_load_balance() if model.args.is_moe else None  # before the update resets loads
         model.update_router_bias(cfg.router_bias_gamma)  # γ = 0 still resets the per-step load counts
-        step_loss = float(ce_total) / max(step_tokens, 1)
+        ce_sum, n_tokens, mtp_sum, mtp_n = D.sums_across_ranks(
+            [float(ce_total), sum(b.num_tokens for b in batches), float(mtp_total), float(mtp_count)], info)
+        n_tokens = int(n_tokens)
+        step_loss = ce_sum / max(step_tokens, 1)
         first_loss = step_loss if first_loss is None else first_loss
         last_loss = step_loss
-        n_tokens = sum(b.num_tokens for b in batches)
-        metrics = {"loss": step_loss, "lr": lr, "grad_norm": float(grad_norm), "epoch": epoch,
+        metrics = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "epoch": epoch,
                    "tokens": n_tokens, "response_tokens": step_tokens, "tokens_per_s": n_tokens / max(time.time() - t0, 1e-9)}
         if use_mtp:
-            metrics["mtp_loss"] = float(mtp_total) / max(float(mtp_count), 1.0)
+            metrics["mtp_loss"] = mtp_sum / max(mtp_n, 1.0)
         if balance is not None:
             metrics["expert_load_max_over_mean"] = balance
         done = step + 1
-        if step % cfg.log_every == 0 or done == total_steps:
+        if main and (step % cfg.log_every == 0 or done == total_steps):
             run_dir.log_metrics(step, metrics)
-            log(f"step {step:5d}  loss {step_loss:.4f}  grad_norm {float(grad_norm):.2f}  lr {lr:.2e}  "
+            log(f"step {step:5d}  loss {step_loss:.4f}  grad_norm {grad_norm:.2f}  lr {lr:.2e}  "
                 f"{metrics['tokens_per_s']:.0f} tok/s")
         if done == total_steps or (cfg.save_every and done % cfg.save_every == 0):
-            save_checkpoint(run_dir.path, done, model, opt, keep_last=cfg.keep_checkpoints,
-                            extra_state={"fingerprint": fingerprint, "first_loss": first_loss, "last_loss": last_loss})
-        if on_step is not None:
+            extra_state = {"fingerprint": fingerprint, "first_loss": first_loss, "last_loss": last_loss}
+            if info.is_distributed:  # consolidated HF folder (rank 0) + sharded model/optimizer (every rank)
+                D.save_checkpoint(run_dir.path, done, model, opt, None, info, extra_state=extra_state,
+                                  keep_last=cfg.keep_checkpoints, tokenizer=tok)
+            else:
+                save_checkpoint(run_dir.path, done, model, opt, keep_last=cfg.keep_checkpoints, extra_state=extra_state)
+        if on_step is not None and main:
             on_step(step, metrics)
 
     model.eval()
     target = run_dir.path / "model"
-    rm.save(model, target)
-    tok.save(target)
-    run_dir.write_summary({"examples": len(data.seqs), "dropped_overlong": data.dropped,
-                           "truncated_overlong": data.truncated, "steps": total_steps, "epochs": cfg.epochs,
-                           "first_loss": first_loss, "final_loss": last_loss, "model": str(target),
-                           "parameters": model.num_parameters()})
+    if info.is_distributed:
+        D.save_consolidated(model, info, target)  # gathers: every rank; rank 0 writes
+    else:
+        rm.save(model, target)
+    if main:
+        tok.save(target)
+        run_dir.write_summary({"examples": len(data.seqs), "dropped_overlong": data.dropped,
+                               "truncated_overlong": data.truncated, "steps": total_steps, "epochs": cfg.epochs,
+                               "first_loss": first_loss, "final_loss": last_loss, "model": str(target),
+                               "parameters": model.num_parameters()})
     run_dir.close()
+    D.barrier(info)  # the folder is complete before any rank returns
     log(f"sft: wrote {target}")
     return model
+
+
+def _quiet(_: str) -> None:
+    pass
