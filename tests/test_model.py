@@ -73,6 +73,8 @@ def test_grouped_expert_path_matches_loop():
     loop = moe.experts.forward_loop(x.view(-1, args.hidden_size), ids, gates)
     grouped = moe.experts.forward_grouped(x.view(-1, args.hidden_size), ids, gates)
     torch.testing.assert_close(grouped, loop, atol=1e-5, rtol=1e-5)
+    dense_dispatch = moe.experts.forward_dense(x.view(-1, args.hidden_size), ids, gates)  # CUDA-graph-safe path
+    torch.testing.assert_close(dense_dispatch, loop, atol=1e-5, rtol=1e-5)
     # and the reference loop equals a dense per-token evaluation of the chosen experts
     dense = torch.zeros_like(loop)
     flat = x.view(-1, args.hidden_size)

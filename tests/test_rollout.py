@@ -355,6 +355,25 @@ def test_cuda_graph_decode_matches_full_forward(lookahead):
 
 @pytest.mark.gpu
 @cuda
+def test_cuda_moe_mla_fp32_decode_is_graph_captured():
+    """fp32 MoE + MLA on the GPU (no grouped GEMM): the dense expert dispatch keeps decode capturable, and the
+    captured greedy decode equals the argmax of full forwards (which route through the loop path)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = _model("tiny-moe").cuda()
+    prompts = _prompts([5, 12, 3, 8, 20])
+    engine = Engine(model, num_slots=4, max_len=64)
+    out = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=10, stop_token_ids=[]))
+    assert engine.graphs.captures > 0 and not engine.graphs.failed, engine.graphs.failed
+    for prompt, c in zip(prompts, out):
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(len(c.token_ids)):
+                seq.append(int(model(torch.tensor([seq], device="cuda"))[0, -1].argmax()))
+        assert c.token_ids == seq[len(prompt):]
+
+
+@pytest.mark.gpu
+@cuda
 def test_cuda_moe_mla_bf16_graphs_capture_and_track_the_reference():
     model = _model("tiny-moe").to("cuda", torch.bfloat16)
     prompts = _prompts([5, 12, 3, 8])

@@ -107,7 +107,8 @@ class ModelArgs:
     seq_aux_loss_alpha: float = 0.0
     """Weight α of the complementary sequence-wise balance loss (0 disables; V3 used 1e-4)."""
     moe_impl: str = "auto"
-    """Expert compute: 'loop' (reference), 'grouped' (sort + grouped GEMM), 'auto' (grouped on CUDA)."""
+    """Expert compute: 'loop' (reference), 'grouped' (sort + grouped GEMM), 'auto' (grouped on CUDA in bf16; on CUDA
+    otherwise every expert densely for small token counts, so decode steps can be graph-captured)."""
 
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
     """Unknown config.json fields, kept so that a save writes them back."""

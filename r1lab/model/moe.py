@@ -108,6 +108,23 @@ class RoutedExperts(nn.Module):
         return torch.zeros_like(x).index_add_(0, tokens, y)
 
 
+    def forward_dense(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, combined by a [N, E] gate matrix that is zero off each token's top-k.
+        No host sync (forward_loop reads expert counts on the host), so CUDA graphs can capture it: the
+        fp32 decode path, where grouped GEMMs (bf16 only) are unavailable. E/K times the FLOPs of the other
+        paths, so only for few tokens (MoE.forward picks it by size). x [N, d] → [N, d]."""
+        weight = torch.zeros(x.shape[0], self.n_experts, dtype=gates.dtype, device=x.device).scatter_(1, ids, gates)
+        h = torch.einsum("nd,eid->nei", x, self.gate_up_proj)  # [N, E, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        y = torch.einsum("nei,edi->ned", F.silu(gate) * up, self.down_proj)  # [N, E, d]
+        return torch.einsum("ned,ne->nd", y, weight.to(y.dtype)).to(x.dtype)
+
+
+# Token x expert count up to which CUDA runs the experts densely (forward_dense) when grouped GEMMs are
+# unavailable: a decode step of up to 512 rows over 16 experts, or 128 rows over 64.
+DENSE_DISPATCH_MAX = 8192
+
+
 def grouped_mm_available(x: torch.Tensor) -> bool:
     bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16)
     return hasattr(torch, "_grouped_mm") and x.is_cuda and bf16
@@ -130,7 +147,12 @@ class MoE(nn.Module):
         use_grouped = self.impl == "grouped" or (self.impl == "auto" and grouped_mm_available(flat))
         if use_grouped and torch.is_autocast_enabled("cuda"):
             flat = flat.to(torch.get_autocast_dtype("cuda"))
-        routed = (self.experts.forward_grouped if use_grouped else self.experts.forward_loop)(flat, ids, gates)
+        if use_grouped:
+            routed = self.experts.forward_grouped(flat, ids, gates)
+        elif self.impl == "auto" and flat.is_cuda and flat.shape[0] * self.experts.n_experts <= DENSE_DISPATCH_MAX:
+            routed = self.experts.forward_dense(flat, ids, gates)
+        else:
+            routed = self.experts.forward_loop(flat, ids, gates)
         if self.training:
             with torch.no_grad():
                 self.expert_load += torch.bincount(ids.flatten(), minlength=self.expert_load.numel()).float()

@@ -59,8 +59,9 @@ def init_distributed(device: str | torch.device | None = None, *, timeout_s: flo
 
     device: "cuda" or "cpu" (None: cuda when available). NCCL on CUDA (device cuda:LOCAL_RANK), gloo on CPU.
     NCCL_NVLS_ENABLE defaults to 0 (NVLink multicast off) unless the environment already sets it.
-    WORLD_SIZE unset or 1: no process group, a single-process DistInfo. An already initialized default
-    group (e.g. a test that called init_process_group itself) is reused.
+    WORLD_SIZE unset or 1: no process group, a single-process DistInfo, unless R1LAB_FSDP=1 asks for the
+    sharded code path anyway (a 1-process group: the same numerics as N processes, e.g. to compare 1 and N
+    GPUs). An already initialized default group (e.g. a test that called init_process_group itself) is reused.
     """
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,7 +71,9 @@ def init_distributed(device: str | torch.device | None = None, *, timeout_s: flo
     else:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-        if world > 1:
+        if world > 1 or os.environ.get("R1LAB_FSDP") == "1":
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # torchrun sets these; a plain process may not
+            os.environ.setdefault("MASTER_PORT", "29511")
             if kind == "cuda":
                 torch.cuda.set_device(local)
             dist.init_process_group("nccl" if kind == "cuda" else "gloo", rank=rank, world_size=world,
@@ -79,7 +82,8 @@ def init_distributed(device: str | torch.device | None = None, *, timeout_s: flo
     dev = torch.device("cuda", local) if kind == "cuda" else torch.device("cpu")
     if kind == "cuda":
         torch.cuda.set_device(dev)
-    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev, is_distributed=world > 1)
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev,
+                    is_distributed=world > 1 or (os.environ.get("R1LAB_FSDP") == "1" and dist.is_initialized()))
 
 
 def single_process(device: str | torch.device = "cpu") -> DistInfo:
