@@ -39,6 +39,21 @@ def _full_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Ten
     return logp[start : start + len(completion)].gather(1, torch.tensor(completion)[:, None])[:, 0]
 
 
+def assert_greedy_is_full_forward_argmax(model, prompts, out, logprob_atol: float | None = None) -> None:
+    """Each greedy completion equals the argmax of no-cache full forwards (and, with logprob_atol, its
+    logprobs equal log_softmax of those forwards)."""
+    device = next(model.parameters()).device
+    for prompt, c in zip(prompts, out):
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(len(c.token_ids)):
+                seq.append(int(model(torch.tensor([seq], device=device))[0, -1].argmax()))
+        assert c.token_ids == seq[len(prompt):]
+        if logprob_atol is not None:
+            torch.testing.assert_close(torch.tensor(c.logprobs), _full_logprobs(model, prompt, c.token_ids),
+                                       atol=logprob_atol, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def dense():
     return _model("tiny-dense")
@@ -343,14 +358,7 @@ def test_cuda_graph_decode_matches_full_forward(lookahead):
     engine = Engine(model, num_slots=4, max_len=64, lookahead=lookahead)
     out = engine.generate(prompts, params)
     assert engine.graphs is not None and engine.graphs.captures > 0 and not engine.graphs.failed
-    for prompt, c in zip(prompts, out):
-        seq = list(prompt)
-        with torch.no_grad():
-            for _ in range(len(c.token_ids)):
-                seq.append(int(model(torch.tensor([seq], device="cuda"))[0, -1].argmax()))
-        assert c.token_ids == seq[len(prompt):]
-        torch.testing.assert_close(torch.tensor(c.logprobs), _full_logprobs(model, prompt, c.token_ids),
-                                   atol=1e-4, rtol=0)
+    assert_greedy_is_full_forward_argmax(model, prompts, out, logprob_atol=1e-4)
 
 
 @pytest.mark.gpu
@@ -364,12 +372,7 @@ def test_cuda_moe_mla_fp32_decode_is_graph_captured():
     engine = Engine(model, num_slots=4, max_len=64)
     out = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=10, stop_token_ids=[]))
     assert engine.graphs.captures > 0 and not engine.graphs.failed, engine.graphs.failed
-    for prompt, c in zip(prompts, out):
-        seq = list(prompt)
-        with torch.no_grad():
-            for _ in range(len(c.token_ids)):
-                seq.append(int(model(torch.tensor([seq], device="cuda"))[0, -1].argmax()))
-        assert c.token_ids == seq[len(prompt):]
+    assert_greedy_is_full_forward_argmax(model, prompts, out)
 
 
 @pytest.mark.gpu

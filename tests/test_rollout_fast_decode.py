@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_rollout import VOCAB, _full_logprobs, _model, _prompts, dense  # noqa: F401  (dense: fixture)
+from test_rollout import VOCAB, _full_logprobs, _model, _prompts, assert_greedy_is_full_forward_argmax
 
 from r1lab.rollout import Engine, SamplingParams
 from r1lab.rollout import decode_attention as da
@@ -28,6 +28,11 @@ def _greedy_reference(model, prompt: list[int], new: int) -> list[int]:
         for _ in range(new):  # argmax of full forwards, no cache
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
     return seq[len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return _model("tiny-dense")
 
 
 # ----------------------------------------------------------------------------- engine parity (CPU, fp32)
@@ -277,14 +282,7 @@ def test_cuda_graph_decode_options_match_full_forward(fused_proj, decode_attenti
     out = engine.generate(prompts, params)
     assert engine.graphs.captures > 0 and not engine.graphs.failed
     assert engine.fast.attention_error is None and engine.fast.attention_kernel == decode_attention
-    for prompt, c in zip(prompts, out):
-        seq = list(prompt)
-        with torch.no_grad():
-            for _ in range(len(c.token_ids)):
-                seq.append(int(model(torch.tensor([seq], device="cuda"))[0, -1].argmax()))
-        assert c.token_ids == seq[len(prompt):]
-        torch.testing.assert_close(torch.tensor(c.logprobs), _full_logprobs(model, prompt, c.token_ids),
-                                   atol=1e-4, rtol=0)
+    assert_greedy_is_full_forward_argmax(model, prompts, out, logprob_atol=1e-4)
     # an in-place update between generate calls reaches the captured graphs
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.mul_(-1)

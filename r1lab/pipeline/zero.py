@@ -77,11 +77,10 @@ def run_zero(cfg: ZeroConfig, run_dir: RunDir, *, resume: bool = False, progress
     train_grpo(g, run_dir, model, tok, resume=resume, on_step=_progress(g.steps) if progress and info.is_main else None,
                dist=info)
     after = measure("after")
-    D.save_consolidated(model, info, run_dir.path / "model")
+    D.save_model_folder(model, tok, info, run_dir.path / "model")
     summary = {"before": before, "after": after, "task": t.name, "steps": g.steps, "seconds": round(time.time() - t0, 1),
                "world_size": info.world_size}
     if info.is_main:
-        tok.save(run_dir.path / "model")
         run_dir.write_summary(summary)
         write_report(run_dir.path)
     return summary

@@ -450,6 +450,17 @@ def save_consolidated(model, info: DistInfo, path: str | Path, *, dtype: torch.d
     return out if info.is_main else path
 
 
+def save_model_folder(model, tokenizer, info: DistInfo, path: str | Path) -> Path:
+    """A trainer's final HF folder: the consolidated weights (save_consolidated) and the tokenizer, written by
+    rank 0; every rank must call it and all return once the folder is complete. Plain save in one process."""
+    path = Path(path)
+    save_consolidated(model, info, path)
+    if info.is_main:
+        tokenizer.save(path)
+    barrier(info)
+    return path
+
+
 def save_sharded(model, optimizer, info: DistInfo, path: str | Path, extra: dict | None = None) -> Path:
     """Resumable model + optimizer state with torch.distributed.checkpoint: each rank writes its shards
     (a plain model in one process writes everything). Loadable by any number of processes."""

@@ -469,13 +469,8 @@ def train_sft(cfg: SFTConfig, run_dir: RunDir | str | Path, model=None, tokenize
             on_step(step, metrics)
 
     model.eval()
-    target = run_dir.path / "model"
-    if info.is_distributed:
-        D.save_consolidated(model, info, target)  # gathers: every rank; rank 0 writes
-    else:
-        rm.save(model, target)
+    target = D.save_model_folder(model, tok, info, run_dir.path / "model")  # every rank; rank 0 writes
     if main:
-        tok.save(target)
         run_dir.write_summary({"examples": len(data.seqs), "dropped_overlong": data.dropped,
                                "truncated_overlong": data.truncated, "steps": total_steps, "epochs": cfg.epochs,
                                "first_loss": first_loss, "final_loss": last_loss, "model": str(target),
