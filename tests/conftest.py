@@ -1,9 +1,9 @@
-import os
 
 import pytest
 import torch
 
-# One intra-op thread: tiny test models gain nothing from more, and CI shares 2 cores with subprocesses.
+# One intra-op thread for every test: tiny shapes gain nothing from more, and when the two CI cores are shared
+# with subprocesses, OpenMP workers would wait on descheduled peers at every op.
 torch.set_num_threads(1)
 
 

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 import r1lab.model as rm
 from r1lab.corpus import generate_cold_start, pretrain_texts
@@ -12,16 +11,6 @@ from r1lab.pipeline.rejection import FilterConfig
 from r1lab.tokenizer import train_bpe
 from r1lab.train.run_dir import read_jsonl
 from r1lab.train.sft import SFTConfig, encode_example
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes run faster on one intra-op thread, and orders of magnitude faster when the two CI cores
-    are shared with other processes (OpenMP workers then wait on descheduled peers at every op)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -82,7 +82,6 @@ def test_save_load_roundtrip_keeps_mtp_and_router_bias(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    from safetensors import safe_open
     import json
     index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
     names = set(index["weight_map"])

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 import r1lab.model as rm
 import r1lab.rollout
@@ -30,16 +29,6 @@ from r1lab.rollout import Completion
 from r1lab.tasks import Problem
 from r1lab.tokenizer import train_bpe
 from r1lab.train.run_dir import read_jsonl
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes run faster on one intra-op thread, and orders of magnitude faster when the two CI cores
-    are shared with other processes (OpenMP workers then wait on descheduled peers at every op)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 GOOD = "<think> Start with 2. Add 3: 2 + 3 = 5. So the answer is 5. </think> <answer> 5 </answer>"

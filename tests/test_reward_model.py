@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+from resume_check import assert_resume_after_crash_equals_uninterrupted
 
 import r1lab.model as rm
 from r1lab.corpus import pretrain_texts
@@ -21,17 +22,6 @@ from r1lab.train.reward_model import (
     train_reward_model,
 )
 from r1lab.train.run_dir import read_jsonl
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes run faster on one intra-op thread, and orders of magnitude faster when the two CI cores
-    are shared with other processes (OpenMP workers then wait on descheduled peers at every op)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 WORDS = "red blue green cat dog sun tree fish bird".split()
 MARKER = "moon"
@@ -136,24 +126,8 @@ def test_make_preference_pairs_kinds():
             assert p["rejected"].split("<answer>")[1] != p["chosen"].split("<answer>")[1]
 
 
-class Crash(Exception):
-    pass
-
-
 def test_resume_after_crash_equals_uninterrupted(tok, tmp_path):
     tok.save(tmp_path / "tok")
     cfg = RewardModelConfig(tokenizer=str(tmp_path / "tok"), data=_marker_pairs(48, seed=2), pairs_per_step=8,
                             epochs=1, lr=3e-3, warmup_steps=1, eval_every=3, max_len=64, save_every=2)
-    full = train_reward_model(cfg, tmp_path / "full", log=lambda s: None)
-
-    def crash_after_step_2(step, metrics):  # step 2 is logged but not checkpointed (every 2 steps)
-        if step == 2:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train_reward_model(cfg, tmp_path / "crashed", log=lambda s: None, on_step=crash_after_step_2)
-    resumed = train_reward_model(cfg, tmp_path / "crashed", log=lambda s: None)
-    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
-    steps = [m["step"] for m in read_jsonl(tmp_path / "crashed" / "metrics.jsonl")]
-    assert steps == sorted(set(steps)) == [m["step"] for m in read_jsonl(tmp_path / "full" / "metrics.jsonl")]
+    assert_resume_after_crash_equals_uninterrupted(train_reward_model, cfg, tmp_path)  # step 2: logged, not saved

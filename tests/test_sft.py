@@ -5,24 +5,20 @@ import random
 
 import pytest
 import torch
+from resume_check import assert_resume_after_crash_equals_uninterrupted
 
 import r1lab.model as rm
 from r1lab.rollout import SamplingParams, generate
 from r1lab.tokenizer import train_bpe
 from r1lab.train.batching import pack_sequences
 from r1lab.train.run_dir import read_jsonl
-from r1lab.train.sft import SFTConfig, encode_dataset, encode_example, sft_loss_sums, train_sft
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes run faster on one intra-op thread, and orders of magnitude faster when the two CI cores
-    are shared with other processes (OpenMP workers then wait on descheduled peers at every op)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+from r1lab.train.sft import (
+    SFTConfig,
+    encode_dataset,
+    encode_example,
+    sft_loss_sums,
+    train_sft,
+)
 
 NAMES = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon").split()
@@ -127,28 +123,12 @@ def test_memorizes_twenty_examples(tok, tmp_path):
     assert "in-memory" in (tmp_path / "config.yaml").read_text()
 
 
-class Crash(Exception):
-    pass
-
-
 def test_resume_after_crash_equals_uninterrupted(tok, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _records(8)))
     tok.save(tmp_path / "tok")
     cfg = SFTConfig(model="tiny-moe", tokenizer=str(tmp_path / "tok"), data=str(data), epochs=2, lr=3e-3,
                     warmup_steps=2, tokens_per_step=40, micro_batch_tokens=64, max_len=64, save_every=2)
-    full = train_sft(cfg, tmp_path / "full", log=lambda s: None)
-
-    def crash_after_step_2(step, metrics):  # step 2 is logged but not checkpointed (every 2 steps)
-        if step == 2:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train_sft(cfg, tmp_path / "crashed", log=lambda s: None, on_step=crash_after_step_2)
-    resumed = train_sft(cfg, tmp_path / "crashed", log=lambda s: None)
-    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
-    steps = [m["step"] for m in read_jsonl(tmp_path / "crashed" / "metrics.jsonl")]
-    assert steps == sorted(set(steps)) == [m["step"] for m in read_jsonl(tmp_path / "full" / "metrics.jsonl")]
+    assert_resume_after_crash_equals_uninterrupted(train_sft, cfg, tmp_path)  # step 2: logged, not saved
     loaded = rm.load(tmp_path / "crashed" / "model")
     assert loaded.args.model_type == "deepseek_v3"
