@@ -9,6 +9,10 @@ precision), 64 prompts x 8 samples per step globally, exactly 256 completion tok
 one optimizer step per rollout. Every run, the 1-process one included, goes through the same FSDP code path
 (a 1-process group is made when torchrun starts one process), so the numbers differ only by the GPU count.
 Scaling efficiency = tokens/s on N GPUs / (N x tokens/s on 1).
+
+A model too large for one GPU (qwen2.5-14b: 235 GB of fp32 weights + AdamW state) runs sharded over 4:
+    torchrun --standalone --nproc-per-node 4 benchmarks/grpo_scaling.py --tokenizer .whl/qwen_tok \
+        --preset qwen2.5-14b --gradient-checkpointing --micro-batch-tokens 4096 --steps 4
 """
 
 from __future__ import annotations
@@ -61,7 +65,12 @@ def run(a) -> dict | None:
     args = rm.preset(a.preset)
     if args.vocab_size < tok.vocab_size:  # a tiny preset for a CPU smoke test: widen it to the tokenizer
         args = rm.preset(a.preset, vocab_size=tok.vocab_size)
-    model = rm.build(args, seed=0).train()  # fp32 on the CPU; shard_model syncs rank 0's
+    if info.is_main:
+        model = rm.build(args, seed=0).train()  # fp32 on the CPU; shard_model broadcasts it to the others
+    else:  # uninitialized storage on this rank's GPU, filled by that broadcast (no 2nd host copy of a 14B model)
+        from r1lab.train.distributed import _plain_model
+
+        model = _plain_model(args, info.device, torch.float32).train()
     prompts = [PROMPT.format(i=i, a=11 * i + 3, b=7 * i + 5, c=i + 2) for i in range(a.prompts)]
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "prompts.jsonl"
@@ -69,7 +78,7 @@ def run(a) -> dict | None:
         cfg = GRPOConfig(task=TaskConfig(name=f"jsonl:{data}", template="{question}"), rewards={"format": 1.0},
                          prompts_per_step=a.prompts, group_size=a.group, max_new_tokens=a.new_tokens,
                          stop_at_eos=False, steps=a.steps, lr=1e-6, device=a.device, dtype="float32",
-                         micro_batch_tokens=a.micro_batch_tokens)
+                         micro_batch_tokens=a.micro_batch_tokens, gradient_checkpointing=a.gradient_checkpointing)
         trainer = Trainer(cfg, model, tok, RunDir(Path(tmp) / "run"), dist=info)
         times, rows = [], []
         for step in range(a.steps):
@@ -122,6 +131,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--micro-batch-tokens", type=int, default=16384)
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward (large models)")
     p.add_argument("--device", default="cuda", help="cuda (NCCL) or cpu (gloo: a smoke test of the script)")
     p.add_argument("--out", default="grpo_scaling.json")
     p.add_argument("--combine", nargs="+", help="print the table of earlier --out files and exit")

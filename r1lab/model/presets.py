@@ -44,6 +44,13 @@ PRESETS: dict[str, dict] = {
         num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6, max_position_embeddings=32768,
         tie_word_embeddings=True, eos_token_id=151645,
     ),
+    # Too large to train on one 141 GB GPU with AdamW (16 bytes of fp32 state per parameter: 235 GB): the
+    # multi-GPU demonstration shape.
+    "qwen2.5-14b": dict(
+        model_type="qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
+        num_attention_heads=40, num_key_value_heads=8, rope_theta=1e6, max_position_embeddings=32768,
+        tie_word_embeddings=False, eos_token_id=151645,
+    ),
     # ~1B total / ~0.2B active MoE+MLA in DeepSeek-V3's proportions (vocab shared with Qwen's tokenizer).
     "moe-1b": dict(
         model_type="deepseek_v3", vocab_size=151936, hidden_size=1024, intermediate_size=4096, num_hidden_layers=12,
