@@ -216,3 +216,34 @@ def test_missing_folder_and_config(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(rm.CheckpointError, match="no config.json"):
         rm.load(tmp_path / "empty")
+
+
+def test_moe_padding_counts_in_neither_expert_load_nor_balance_loss():
+    """A packed batch whose second row is padded routes the padding (it is computed) but counts only real
+    tokens: loads and sequence-balance loss equal those of the two documents run alone, unpadded."""
+    args = rm.preset("tiny-moe", seq_aux_loss_alpha=0.01)
+    model = rm.build(args, seed=5).train().to(torch.bfloat16)
+    assert all(m.expert_load.dtype == torch.float32 for m in model.moe_layers())  # counts stay exact under bf16
+    moes = [block.mlp for block in model.model.layers if isinstance(block.mlp, MoE)]  # what forward_hidden runs
+    model.float()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(1, 512, (7,), generator=g), torch.randint(1, 512, (4,), generator=g)
+    packed = torch.zeros(2, 7, dtype=torch.long)
+    packed[0], packed[1, :4] = a, b
+    positions = torch.cat([torch.arange(7), torch.arange(4), torch.zeros(3, dtype=torch.long)]).view(2, 7)
+    doc_ids = torch.tensor([[0] * 7, [1] * 4 + [-1] * 3])
+
+    def loads_and_aux(*forward_args, **kwargs):
+        for m in moes:
+            m.expert_load.zero_()
+        model.forward_hidden(*forward_args, **kwargs)
+        return [m.expert_load.clone() for m in moes], [m.aux_loss for m in moes]
+
+    loads, aux = loads_and_aux(packed, positions, doc_ids=doc_ids)
+    loads_a, aux_a = loads_and_aux(a[None])
+    loads_b, aux_b = loads_and_aux(b[None])
+    for m, la, lb, l_packed in zip(moes, loads_a, loads_b, loads):
+        assert l_packed.sum() == (7 + 4) * args.num_experts_per_tok
+        torch.testing.assert_close(l_packed, la + lb)
+    for x, xa, xb in zip(aux, aux_a, aux_b):
+        torch.testing.assert_close(x, (xa + xb) / 2)

@@ -34,6 +34,9 @@ class AttentionContext:
     """[B] cache slot of each row; None = row b uses slot b."""
     kv_len: int = 0
     """Cache positions to read (max position + 1, possibly rounded up)."""
+    token_mask: torch.Tensor | None = None
+    """[B, T] bool, False on the padding of packed batches (doc id -1): MoE layers leave those tokens out of
+    their expert loads and balance loss. None = every token is real."""
 
     @property
     def batch(self) -> int:
@@ -62,7 +65,7 @@ def build_context(
         T = positions.shape[1]
         causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()
         same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
-        return AttentionContext(cos, sin, positions, (causal & same_doc)[:, None])
+        return AttentionContext(cos, sin, positions, (causal & same_doc)[:, None], token_mask=doc_ids >= 0)
     return AttentionContext(cos, sin, positions)
 
 

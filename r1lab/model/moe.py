@@ -140,7 +140,16 @@ class MoE(nn.Module):
         self.register_buffer("expert_load", torch.zeros(args.n_routed_experts), persistent=False)
         self.aux_loss: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _apply(self, fn, recurse=True):
+        # Token counts stay fp32 across .to(bf16): bf16 holds integers exactly only up to 256.
+        super()._apply(fn, recurse)
+        if not self.expert_load.is_meta and self.expert_load.dtype != torch.float32:
+            self.expert_load = self.expert_load.float()
+        return self
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, d] → [B, T, d]. token_mask [B, T] (False = padding): padding is still computed (its output
+        is discarded by the loss) but counted neither in expert_load nor in the balance loss."""
         B, T, d = x.shape
         flat = x.reshape(-1, d)
         gates, ids, scores = self.gate(flat)
@@ -154,20 +163,26 @@ class MoE(nn.Module):
         else:
             routed = self.experts.forward_loop(flat, ids, gates)
         if self.training:
+            real = None if token_mask is None else token_mask.reshape(-1, 1).expand_as(ids)
             with torch.no_grad():
-                self.expert_load += torch.bincount(ids.flatten(), minlength=self.expert_load.numel()).float()
-            self.aux_loss = self._sequence_balance_loss(scores.view(B, T, -1)) if self.alpha > 0 else None
+                ones = torch.ones_like(ids, dtype=self.expert_load.dtype) if real is None else real.to(self.expert_load.dtype)
+                self.expert_load.scatter_add_(0, ids.flatten(), ones.flatten())
+            self.aux_loss = (self._sequence_balance_loss(scores.view(B, T, -1), token_mask) if self.alpha > 0
+                             else None)
         return (routed + self.shared_experts(flat)).view(B, T, d)
 
-    def _sequence_balance_loss(self, scores: torch.Tensor) -> torch.Tensor:
-        """α Σ_i f_i P_i per sequence, averaged over the batch (V3 eq. 17-20). scores [B, T, E]."""
+    def _sequence_balance_loss(self, scores: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """α Σ_i f_i P_i per sequence (row), averaged over the batch (V3 eq. 17-20), over the row's real tokens.
+        scores [B, T, E]; token_mask [B, T] or None (all real)."""
         B, T, E = scores.shape
+        real = torch.ones(B, T, device=scores.device) if token_mask is None else token_mask.float()
         chosen = scores.topk(self.top_k, dim=-1).indices  # unbiased top-k, as in the paper's f_i
         counts = torch.zeros(B, E, device=scores.device).scatter_add_(
-            1, chosen.view(B, -1), torch.ones(B, T * self.top_k, device=scores.device)
+            1, chosen.view(B, -1), real.repeat_interleave(self.top_k, dim=1)
         )
-        f = counts * E / (self.top_k * T)
-        p = (scores / scores.sum(-1, keepdim=True)).mean(1)
+        n = real.sum(1, keepdim=True).clamp(min=1)
+        f = counts * E / (self.top_k * n)
+        p = ((scores / scores.sum(-1, keepdim=True)) * real[..., None]).sum(1) / n
         return self.alpha * (f * p).sum(-1).mean()
 
     @torch.no_grad()

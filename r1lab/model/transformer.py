@@ -29,7 +29,8 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), ctx)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        x = self.post_attention_layernorm(h)
+        return h + (self.mlp(x, ctx.token_mask) if isinstance(self.mlp, MoE) else self.mlp(x))
 
 
 class MTPModule(Block):
