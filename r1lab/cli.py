@@ -82,6 +82,14 @@ def _timestamped_run_dir(kind: str) -> Path:
     return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _shared_run_dir(out: Optional[Path], kind: str, info) -> Path:
+    """--out, else a timestamped directory named by rank 0 (under torchrun every rank must use rank 0's:
+    the ranks' clocks may fall in different seconds)."""
+    from r1lab.train import distributed as D
+
+    return Path(D.broadcast_object(str(out or _timestamped_run_dir(kind)), info))
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def pretrain(
     ctx: typer.Context,
@@ -90,16 +98,20 @@ def pretrain(
 ):
     """Pretrain a base model on the procedural bilingual corpus (r1lab's analog of DeepSeek-V3-Base).
 
-    Extra arguments are dotted overrides, e.g. `device=cuda steps=3000 corpus.p_careful=0.3`."""
+    Extra arguments are dotted overrides, e.g. `device=cuda steps=3000 corpus.p_careful=0.3`.
+    Under `torchrun --nproc-per-node N -m r1lab pretrain ...` it trains sharded (FSDP2, docs/distributed.md)."""
     from r1lab.config import load_config, to_dict
     from r1lab.train.pretrain import PretrainConfig, pretrain as run
     from r1lab.train.run_dir import RunDir
 
     cfg = load_config(PretrainConfig, recipe, ctx.args)
-    run_dir = RunDir(out or _timestamped_run_dir("pretrain"))
-    run_dir.write_config(to_dict(cfg))
-    path = run(cfg, run_dir)
-    typer.echo(f"wrote {path}")
+    with _processes(cfg.device) as info:
+        run_dir = RunDir(_shared_run_dir(out, "pretrain", info))
+        if info.is_main:
+            run_dir.write_config(to_dict(cfg))
+        path = run(cfg, run_dir, dist=info)
+        if info.is_main:
+            typer.echo(f"wrote {path}")
 
 
 _EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -113,14 +125,17 @@ def sft(
 ):
     """Supervised fine-tuning (R1 cold start / stage-3 SFT) on {prompt, completion} or {messages} JSONL.
 
-    Extra arguments are dotted overrides, e.g. `model=runs/pretrain-x/model data=cold_start.jsonl epochs=2`."""
+    Extra arguments are dotted overrides, e.g. `model=runs/pretrain-x/model data=cold_start.jsonl epochs=2`.
+    Under `torchrun --nproc-per-node N -m r1lab sft ...` it trains sharded (FSDP2, docs/distributed.md)."""
     from r1lab.config import load_config
     from r1lab.train.sft import SFTConfig, train_sft
 
     cfg = load_config(SFTConfig, recipe, ctx.args)
-    run_dir = out or _timestamped_run_dir("sft")
-    train_sft(cfg, run_dir)
-    typer.echo(f"wrote {Path(run_dir) / 'model'}")
+    with _processes(cfg.device) as info:
+        run_dir = _shared_run_dir(out, "sft", info)
+        train_sft(cfg, run_dir, dist=info)
+        if info.is_main:
+            typer.echo(f"wrote {run_dir / 'model'}")
 
 
 @app.command(context_settings=_EXTRA_ARGS)
@@ -149,14 +164,17 @@ def reward_model(
 ):
     """Train a reward model (Bradley-Terry on {prompt, chosen, rejected}; procedural pairs when data is unset).
 
-    Extra arguments are dotted overrides, e.g. `model=runs/sft-x/model data=pairs.jsonl lr=1e-5`."""
+    Extra arguments are dotted overrides, e.g. `model=runs/sft-x/model data=pairs.jsonl lr=1e-5`.
+    Under `torchrun --nproc-per-node N -m r1lab rm ...` it trains data-parallel (docs/distributed.md)."""
     from r1lab.config import load_config
     from r1lab.train.reward_model import RewardModelConfig, train_reward_model
 
     cfg = load_config(RewardModelConfig, recipe, ctx.args)
-    run_dir = out or _timestamped_run_dir("rm")
-    train_reward_model(cfg, run_dir)
-    typer.echo(f"wrote {Path(run_dir) / 'reward_model'}")
+    with _processes(cfg.device) as info:
+        run_dir = _shared_run_dir(out, "rm", info)
+        train_reward_model(cfg, run_dir, dist=info)
+        if info.is_main:
+            typer.echo(f"wrote {run_dir / 'reward_model'}")
 
 
 @app.command(context_settings=_EXTRA_ARGS)
@@ -168,14 +186,18 @@ def distill(
     """Distill a teacher's reasoning traces into a dense student of another size or architecture (SFT only).
 
     Extra arguments are dotted overrides, e.g. `teacher=runs/r1/model student=tiny-dense
-    student_model.model_type=llama records=runs/sample-x/records.jsonl sft.epochs=2`."""
+    student_model.model_type=llama records=runs/sample-x/records.jsonl sft.epochs=2`.
+    Under `torchrun --nproc-per-node N -m r1lab distill ...` every rank samples its share of the prompts and
+    the student trains sharded (docs/distributed.md)."""
     from r1lab.config import load_config
     from r1lab.pipeline.distill import DistillConfig
     from r1lab.pipeline.distill import distill as run
 
     cfg = load_config(DistillConfig, recipe, ctx.args)
-    result = run(cfg, out or _timestamped_run_dir("distill"))
-    typer.echo(f"wrote {result.student_path}")
+    with _processes(cfg.device) as info:
+        result = run(cfg, _shared_run_dir(out, "distill", info), dist=info)
+        if info.is_main:
+            typer.echo(f"wrote {result.student_path}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -221,17 +243,22 @@ def pipeline(
     out: Optional[Path] = typer.Option(None, help="Run directory; rerunning the same command resumes it."),
 ):
     """The R1 recipe as resumable stages: zero, cold_start, reasoning_rl, rejection_sft, final_rl,
-    distill_student, rl_student. Each writes an HF checkpoint; finished stages are never rerun."""
+    distill_student, rl_student. Each writes an HF checkpoint; finished stages are never rerun.
+    Under `torchrun --nproc-per-node N -m r1lab pipeline ...` every stage runs on all N processes
+    (docs/distributed.md); a rerun with any process count skips the finished stages."""
     from r1lab.config import load_config, to_dict
     from r1lab.pipeline.r1 import Pipeline, PipelineConfig, print_stage_table
     from r1lab.train.run_dir import RunDir
 
     cfg = load_config(PipelineConfig, recipe, list(ctx.args))
-    run_dir = RunDir(out or _timestamped_run_dir(f"pipeline-{kind}"))
-    run_dir.write_config(to_dict(cfg))
-    summary = Pipeline(cfg, run_dir.path).run(kind)
-    print_stage_table(summary)
-    typer.echo(f"run directory: {run_dir.path} (summary.json, stages/, report.html)")
+    with _processes(cfg.device) as info:
+        run_dir = RunDir(_shared_run_dir(out, f"pipeline-{kind}", info))
+        if info.is_main:
+            run_dir.write_config(to_dict(cfg))
+        summary = Pipeline(cfg, run_dir.path, dist=info).run(kind)
+        if info.is_main:
+            print_stage_table(summary)
+            typer.echo(f"run directory: {run_dir.path} (summary.json, stages/, report.html)")
 
 
 @app.command("eval")

@@ -23,6 +23,7 @@ import torch
 import r1lab.model as rm
 from r1lab.pipeline.rejection import FilterConfig, filter_records, rejection_sample, write_jsonl
 from r1lab.tokenizer import Tokenizer, load_tokenizer
+from r1lab.train import distributed as D
 from r1lab.train.run_dir import RunDir, atomic_write_text, read_jsonl
 from r1lab.train.sft import SFTConfig, load_model_and_tokenizer, load_records, train_sft
 
@@ -113,13 +114,14 @@ def retokenization_stats(records: Sequence[dict], tokenizer: Tokenizer) -> dict[
     return {"student_tokens_per_char": tokens / max(chars, 1), "retokenized_exact": exact / n}
 
 
-def _teacher_traces(cfg: DistillConfig, teacher, teacher_tokenizer, problems, log) -> tuple[list[dict], dict]:
+def _teacher_traces(cfg: DistillConfig, teacher, teacher_tokenizer, problems, log, info: D.DistInfo,
+                    device: str) -> tuple[list[dict], dict]:
     from r1lab.tasks import load_task
 
     if teacher is None:
         if not cfg.teacher:
             raise ValueError("distill needs teacher records (records=...) or a teacher model (teacher=...)")
-        teacher = rm.load(cfg.teacher, dtype=getattr(torch, cfg.dtype), device=cfg.device)
+        teacher = rm.load(cfg.teacher, dtype=getattr(torch, cfg.dtype), device=device)
     teacher_tokenizer = teacher_tokenizer or load_tokenizer(cfg.teacher_tokenizer or cfg.teacher)
     scorer = None
     if problems is None:
@@ -128,7 +130,7 @@ def _teacher_traces(cfg: DistillConfig, teacher, teacher_tokenizer, problems, lo
     result = rejection_sample(teacher, teacher_tokenizer, problems, k=cfg.k, temperature=cfg.temperature,
                               top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, template=cfg.template,
                               scorer=scorer, filters=cfg.filters, seed=cfg.seed,
-                              model_name=cfg.teacher or teacher.args.model_type)
+                              model_name=cfg.teacher or teacher.args.model_type, dist=info)
     log("distill: teacher sampling " + ", ".join(f"{k} {v}" for k, v in result.stats.items()))
     teacher_info = {"teacher_model_type": teacher.args.model_type, "teacher_parameters": teacher.num_parameters()}
     return result.records, {**{f"sampling_{k}": v for k, v in result.stats.items()}, **teacher_info}
@@ -137,34 +139,48 @@ def _teacher_traces(cfg: DistillConfig, teacher, teacher_tokenizer, problems, lo
 def distill(cfg: DistillConfig, run_dir: RunDir | str | Path, *, teacher_records: Sequence[dict] | None = None,
             teacher=None, teacher_tokenizer: Tokenizer | None = None, problems: Sequence[Any] | None = None,
             student=None, student_tokenizer: Tokenizer | None = None,
-            log: Callable[[str], None] = print) -> DistillResult:
+            log: Callable[[str], None] = print, dist: D.DistInfo | None = None) -> DistillResult:
     """Distill a teacher into a student; returns the student's folder and stats.
 
     Teacher traces come from, in order: teacher_records, cfg.records, the run directory's saved
     teacher_records.jsonl (a resumed run), or sampling `teacher` (or cfg.teacher) on `problems` (or
     cfg.task) with rejection sampling. student / student_tokenizer: objects to train instead of cfg.student.
+
+    dist (from distributed.init_distributed() under torchrun; every rank calls distill): teacher and student
+    load on the rank's own device, each rank samples its share of the prompts and the traces are filtered
+    after gathering (rejection_sample), the student trains sharded (train_sft with FSDP2). Rank 0 alone
+    logs and writes config, traces and summary; every rank returns the same path and stats.
     """
+    info = dist or D.single_process(cfg.device)
+    main = info.is_main
+    if not main:
+        log = _quiet
+    device = str(info.device) if info.is_distributed else cfg.device
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     cfg_dict = dataclasses.asdict(cfg)
     cfg_dict["sft"].pop("data", None)
-    run_dir.write_config(cfg_dict)
+    if main:
+        run_dir.write_config(cfg_dict)
     saved = run_dir.path / TEACHER_RECORDS
     stats: dict[str, Any] = {}
     if teacher_records is not None:
         records = [dict(r) for r in teacher_records]
     elif cfg.records:
         records = load_records(cfg.records, required=("prompt", "completion"))
-    elif saved.is_file():
+    elif D.broadcast_object(saved.is_file(), info):  # rank 0 decides: every rank takes the same branch
         records = read_jsonl(saved)
         if (run_dir.path / SAMPLING_STATS).is_file():
             stats = json.loads((run_dir.path / SAMPLING_STATS).read_text())
         log(f"distill: reusing {len(records)} teacher traces from {saved}")
     else:
-        records, stats = _teacher_traces(cfg, teacher, teacher_tokenizer, problems, log)
-        atomic_write_text(run_dir.path / SAMPLING_STATS, json.dumps(stats, indent=2) + "\n")
+        records, stats = _teacher_traces(cfg, teacher, teacher_tokenizer, problems, log, info, device)
+        if main:
+            atomic_write_text(run_dir.path / SAMPLING_STATS, json.dumps(stats, indent=2) + "\n")
     if teacher is not None:
         stats.update({"teacher_model_type": teacher.args.model_type, "teacher_parameters": teacher.num_parameters()})
-    write_jsonl(records, saved)
+    if main:
+        write_jsonl(records, saved)
+    D.barrier(info)
 
     # Text filters again: given records may never have been filtered, and re-filtering kept ones is a no-op.
     kept, filter_stats = filter_records(records, cfg.filters)
@@ -178,7 +194,7 @@ def distill(cfg: DistillConfig, run_dir: RunDir | str | Path, *, teacher_records
         else:
             student_tokenizer = teacher_tokenizer or load_tokenizer(cfg.teacher_tokenizer or cfg.teacher or "")
     student, student_tokenizer = load_model_and_tokenizer(
-        cfg.student, None, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype, model=student,
+        cfg.student, None, seed=cfg.seed, device=device, dtype=cfg.dtype, model=student,
         tokenizer=student_tokenizer, overrides=cfg.student_model)
     kept = retemplate(kept, cfg.template, student_tokenizer)
     stats.update(retokenization_stats(kept, student_tokenizer))
@@ -190,11 +206,18 @@ def distill(cfg: DistillConfig, run_dir: RunDir | str | Path, *, teacher_records
     sft_cfg = dataclasses.replace(cfg.sft, data=kept, model=cfg.student, tokenizer=cfg.student_tokenizer,
                                   device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
     student_dir = RunDir(run_dir.path / "student")
-    train_sft(sft_cfg, student_dir, model=student, tokenizer=student_tokenizer, log=log)
+    # sharded under torchrun; returns after rank 0 has written student/summary.json and student/model
+    train_sft(sft_cfg, student_dir, model=student, tokenizer=student_tokenizer, log=log, dist=info)
     sft_summary = json.loads((student_dir.path / "summary.json").read_text())
     stats.update({"sft_first_loss": sft_summary["first_loss"], "sft_final_loss": sft_summary["final_loss"],
                   "sft_steps": sft_summary["steps"], "sft_examples": sft_summary["examples"]})
     path = student_dir.path / "model"
-    run_dir.write_summary({**stats, "student_path": str(path)})
+    if main:
+        run_dir.write_summary({**stats, "student_path": str(path)})
     run_dir.close()
+    D.barrier(info)
     return DistillResult(path, stats)
+
+
+def _quiet(_: str) -> None:
+    pass

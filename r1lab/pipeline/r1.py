@@ -12,6 +12,11 @@ zero: the zero stage alone;  distill: the r1 stages through distill_student and 
 Every stage writes OUT/stages/<name>/ with its HF checkpoint (model/), its metrics and, last, done.json
 (its held-out numbers). A rerun of the same command skips stages with done.json and resumes an
 interrupted stage from its last checkpoint (GRPO and SFT checkpoint as they go).
+
+Under torchrun (`Pipeline(..., dist=info)`) every stage runs on all ranks: RL and SFT sharded with FSDP2,
+evaluation and rejection sampling on each rank's share of the questions / prompts (gathered), the reward
+model data-parallel. Rank 0 takes every decision that reads the run directory (stage done? data cached?)
+and broadcasts it, and alone writes done.json, summary.json, data/ and the report.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import r1lab.model as rm
+from r1lab.train import distributed as D
 from r1lab.train.grpo import GRPOConfig, TaskConfig, train_grpo
 from r1lab.train.run_dir import RunDir, atomic_write_text
 
@@ -79,8 +84,13 @@ class PipelineConfig:
 
 
 class Pipeline:
-    def __init__(self, cfg: PipelineConfig, out: Path, log=print):
+    def __init__(self, cfg: PipelineConfig, out: Path, log=print, dist: D.DistInfo | None = None):
         self.cfg, self.out, self.log = cfg, Path(out), log
+        self.info = dist or D.single_process(cfg.device)
+        if not self.info.is_main:
+            self.log = _quiet
+        # every model of every stage loads onto this rank's own device (cuda:LOCAL_RANK under torchrun)
+        self.device = str(self.info.device) if self.info.is_distributed else cfg.device
         for g in (cfg.zero, cfg.reasoning_rl, cfg.final_rl):
             g.task, g.device = cfg.task, cfg.device
         self.base_dir = Path(cfg.base) if cfg.base else ASSETS / "r1-tiny"
@@ -91,9 +101,16 @@ class Pipeline:
     def stage_dir(self, name: str) -> Path:
         return self.out / "stages" / name
 
+    def _from_rank0(self, read):
+        """read() evaluated on rank 0 and broadcast (a collective under torchrun): every rank then takes
+        the same decision about what the run directory holds."""
+        return D.broadcast_object(read() if self.info.is_main else None, self.info)
+
+    def _read_json(self, path: Path) -> dict | None:
+        return self._from_rank0(lambda: json.loads(path.read_text()) if path.is_file() else None)
+
     def done(self, name: str) -> dict | None:
-        f = self.stage_dir(name) / "done.json"
-        return json.loads(f.read_text()) if f.is_file() else None
+        return self._read_json(self.stage_dir(name) / "done.json")
 
     def model_dir(self, name: str) -> Path:
         return {"base": self.base_dir, "student_base": self.student_dir}.get(name) or self.stage_dir(name) / "model"
@@ -101,25 +118,30 @@ class Pipeline:
     def load(self, name: str):
         from r1lab.serve import load_model_and_tokenizer
 
-        return load_model_and_tokenizer(self.model_dir(name), device=self.cfg.device, dtype="float32")
+        return load_model_and_tokenizer(self.model_dir(name), device=self.device, dtype="float32")
 
     def evaluate(self, model, tok, name: str) -> dict:
+        """Held-out numbers; under torchrun each rank samples its share of the questions on the gathered
+        weights (the model itself when unsharded), rank 0 writes eval/<name>.jsonl. Every rank calls it."""
         from r1lab.eval.runner import evaluate
 
         if self._held_out is None:
             self._held_out = self.cfg.task.load("test")
-        summary, _ = evaluate(model, tok, self._held_out, template=self.cfg.task.template, k=self.cfg.eval_k,
-                              max_new_tokens=self.cfg.eval_max_new_tokens, seed=self.cfg.seed, progress=False,
-                              out_path=self.out / "eval" / f"{name}.jsonl", name=name)
+        with D.gathered_for_rollout(model, self.info) as policy:
+            summary, _ = evaluate(policy, tok, self._held_out, template=self.cfg.task.template, k=self.cfg.eval_k,
+                                  max_new_tokens=self.cfg.eval_max_new_tokens, seed=self.cfg.seed, progress=False,
+                                  out_path=self.out / "eval" / f"{name}.jsonl", name=name, dist=self.info)
         return {k: summary[k] for k in METRICS if k in summary}
 
     def finish(self, name: str, model, tok, extra: dict | None = None) -> dict:
         d = self.stage_dir(name)
-        if not (d / "model" / "config.json").is_file():
-            rm.save(model, d / "model")
-            tok.save(d / "model")
+        if not self._from_rank0(lambda: (d / "model" / "config.json").is_file()):
+            D.save_model_folder(model, tok, self.info, d / "model")  # every rank; rank 0 writes
         result = {**self.evaluate(model, tok, name), **(extra or {})}
-        atomic_write_text(d / "done.json", json.dumps(result, indent=2))
+        if self.info.is_main:
+            atomic_write_text(d / "done.json", json.dumps(result, indent=2))
+        D.release_rollout_replica(model)  # a later stage's model must never find this one's replica
+        D.barrier(self.info)
         return result
 
     # ------------------------------------------------------------------ stages
@@ -127,7 +149,7 @@ class Pipeline:
         model, tok = self.load(init)
         run = RunDir(self.stage_dir(name))
         t0 = time.time()
-        train_grpo(cfg, run, model, tok, resume=True, reward_models=reward_models)
+        train_grpo(cfg, run, model, tok, resume=True, reward_models=reward_models, dist=self.info)
         return self.finish(name, model, tok, {"train_seconds": round(time.time() - t0, 1), "init": init})
 
     def sft_stage(self, name: str, init: str, records: list[dict], epochs: int | None = None) -> dict:
@@ -139,25 +161,34 @@ class Pipeline:
                         tokens_per_step=self.cfg.sft_tokens_per_step, warmup_steps=5, save_every=20,
                         seed=self.cfg.seed, log_every=5, device=self.cfg.device)
         t0 = time.time()
-        model = train_sft(cfg, RunDir(self.stage_dir(name)), model=model, tokenizer=tok, log=lambda s: None)
+        model = train_sft(cfg, RunDir(self.stage_dir(name)), model=model, tokenizer=tok, log=lambda s: None,
+                          dist=self.info)
         return self.finish(name, model, tok, {"train_seconds": round(time.time() - t0, 1), "init": init,
                                               "examples": len(records)})
 
     def traces(self, source: str, tag: str) -> list[dict]:
-        """Rejection-sampled, filtered traces of a stage's model on training prompts (cached as JSONL)."""
+        """Rejection-sampled, filtered traces of a stage's model on training prompts (cached as JSONL).
+        Under torchrun every rank samples its share of the prompts on its own copy of the model; the
+        filters (dedup and cap included) run on the gathered samples; rank 0 writes the files."""
         from r1lab.pipeline.rejection import FilterConfig, rejection_sample, write_jsonl
 
         path = self.out / "data" / f"{tag}.jsonl"
-        if path.is_file():
-            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        cached = self._from_rank0(
+            lambda: [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if path.is_file() else None)
+        if cached is not None:
+            return cached
         model, tok = self.load(source)
         train = self.cfg.task.load("train")
         problems = train.problems[: self.cfg.rejection_prompts]
         result = rejection_sample(model, tok, problems, k=self.cfg.rejection_k, temperature=1.0, max_new_tokens=128,
                                   template=self.cfg.task.template, scorer=train.score, seed=self.cfg.seed,
-                                  filters=FilterConfig(language="en", max_per_prompt=1), model_name=source)
-        write_jsonl(result.records, path)
-        atomic_write_text(self.out / "data" / f"{tag}.stats.json", json.dumps(result.stats, indent=2))
+                                  filters=FilterConfig(language="en", max_per_prompt=1), model_name=source,
+                                  dist=self.info)
+        if self.info.is_main:
+            write_jsonl(result.records, path)
+            atomic_write_text(self.out / "data" / f"{tag}.stats.json", json.dumps(result.stats, indent=2))
+        D.barrier(self.info)
         return result.records
 
     def demonstrations(self) -> list[dict]:
@@ -167,15 +198,18 @@ class Pipeline:
         return generate_cold_start(self.cfg.cold_start_examples, seed=self.cfg.seed + 7)
 
     def reward_model(self):
-        """Train (once) the helpfulness reward model on procedural preference pairs; returns a RewardModel."""
+        """Train (once) the helpfulness reward model on procedural preference pairs; returns a RewardModel.
+        Under torchrun it trains data-parallel on plain replicas (train_reward_model(dist=...)), then every
+        rank loads the saved folder onto its own device (each rank scores its own completions)."""
         from r1lab.train.reward_model import LearnedReward, RewardModelConfig, train_reward_model
 
         folder = self.out / "reward_model"
-        if not (folder / "reward_model").is_dir():
+        if not self._from_rank0(lambda: (folder / "reward_model").is_dir()):
             cfg = RewardModelConfig(model=str(self.student_dir), synthetic_pairs=self.cfg.reward_model_pairs,
                                     epochs=1, lr=1e-3, seed=self.cfg.seed, save_every=0, device=self.cfg.device)
-            train_reward_model(cfg, RunDir(folder), log=lambda s: None)
-        return BoundedReward(LearnedReward.load(folder / "reward_model", device=self.cfg.device))
+            net = train_reward_model(cfg, RunDir(folder), log=lambda s: None, dist=self.info)
+            del net  # the saved folder is what every stage reads (returns once rank 0 has written it)
+        return BoundedReward(LearnedReward.load(folder / "reward_model", device=self.device))
 
     def run_stage(self, name: str) -> dict:
         c = self.cfg
@@ -202,13 +236,18 @@ class Pipeline:
     def run(self, kind: str) -> dict:
         if kind not in STAGES:
             raise ValueError(f"unknown pipeline {kind!r}; expected one of {sorted(STAGES)}")
+        main = self.info.is_main
         summary_path = self.out / "summary.json"
         stages: dict[str, dict] = {}
-        if not (self.out / "eval" / "base.json").is_file():
+        base = self._read_json(self.out / "eval" / "base.json")
+        if base is None:
             model, tok = self.load("base")
-            (self.out / "eval").mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out / "eval" / "base.json", json.dumps(self.evaluate(model, tok, "base")))
-        stages["base"] = json.loads((self.out / "eval" / "base.json").read_text())
+            base = self.evaluate(model, tok, "base")
+            if main:
+                (self.out / "eval").mkdir(parents=True, exist_ok=True)
+                atomic_write_text(self.out / "eval" / "base.json", json.dumps(base))
+            del model
+        stages["base"] = base
         for name in STAGES[kind]:
             result = self.done(name)
             if result is None:
@@ -220,10 +259,13 @@ class Pipeline:
             else:
                 self.log(f"[stage {name}] already done, skipped")
             stages[name] = result
-            atomic_write_text(summary_path, json.dumps({"pipeline": kind, "stages": stages}, indent=2))
+            if main:
+                atomic_write_text(summary_path, json.dumps({"pipeline": kind, "stages": stages}, indent=2))
         from r1lab.eval.report import write_report
 
-        write_report(self.out)
+        if main:
+            write_report(self.out)
+        D.barrier(self.info)
         return {"pipeline": kind, "stages": stages}
 
 
@@ -241,6 +283,10 @@ class BoundedReward:
         import math
 
         return [1.0 / (1.0 + math.exp(-s)) for s in self.inner.score(prompts, responses)]
+
+
+def _quiet(_: str) -> None:
+    pass
 
 
 def _pairs(records: list[dict]) -> list[dict]:

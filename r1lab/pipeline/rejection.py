@@ -230,6 +230,7 @@ def rejection_sample(
     prompts_per_batch: int = 64,
     model_name: str | None = None,
     step: int | None = None,
+    dist: Any = None,
 ) -> RejectionResult:
     """Sample k responses per problem with the rollout engine and keep the correct, clean ones.
 
@@ -237,7 +238,16 @@ def rejection_sample(
     template: 'r1_zero', 'chat', 'plain' or a string containing {question} (tasks.render_prompt).
     scorer(problem, completion) -> float: correctness (default accuracy_reward vs gold; a Task's .score works).
     model_name/step: provenance written into every record's source.
+    dist: a r1lab.train.distributed.DistInfo under torchrun (every rank must call this). Each rank samples
+        its contiguous share of the problems on its own unsharded model (a sharded one goes through
+        gathered_for_rollout), the candidates are gathered in problem order, and the checks (dedup and the
+        per-prompt cap included) run on the gathered candidates, so every rank returns the same result, the
+        one a single process would select from those samples. Batches are cut from each share (prompt
+        indices stay global: the same seeds per batch start), so the samples themselves are not the ones of
+        one process. The caller writes the files from rank 0.
     """
+    import contextlib
+
     from r1lab.rollout import SamplingParams, generate
     from r1lab.tasks import render_prompt
 
@@ -246,21 +256,35 @@ def rejection_sample(
     count_tokens = (lambda text: len(tokenizer.encode(text))) if filters.max_paragraph_tokens else None
     questions = [_question_and_gold(p) for p in problems]
     prompts = [render_prompt(template, q, apply_chat_template=tokenizer.apply_chat_template) for q, _ in questions]
-    was_training = model.training
-    model.eval()
+    sharded = dist is not None and dist.is_distributed
+    lo, hi = 0, len(prompts)
+    if sharded:
+        from r1lab.train import distributed as D
+
+        lo, hi = D.share_bounds(len(prompts), dist)
+        policy_context = D.gathered_for_rollout(model, dist)  # the model itself unless it is FSDP-sharded
+    else:
+        policy_context = contextlib.nullcontext(model)
     candidates: list[Candidate] = []
-    try:
-        for start in range(0, len(prompts), prompts_per_batch):
-            chunk = prompts[start : start + prompts_per_batch]
-            params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-                                    stop_token_ids=tokenizer.stop_ids, n=k, seed=seed + start)
-            for c in generate(model, [tokenizer.encode(p) for p in chunk], params):
-                i = start + c.prompt_index
-                text = completion_text(tokenizer, c.token_ids)
-                candidates.append(Candidate(i, c.sample_index, text, float(scorer(problems[i], text)),
-                                            finished=c.finish_reason == "stop"))
-    finally:
-        model.train(was_training)
+    with policy_context as policy:
+        was_training = policy.training
+        policy.eval()
+        try:
+            for start in range(lo, hi, prompts_per_batch):
+                chunk = prompts[start : min(start + prompts_per_batch, hi)]
+                params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
+                                        max_new_tokens=max_new_tokens, stop_token_ids=tokenizer.stop_ids, n=k,
+                                        seed=seed + start)
+                for c in generate(policy, [tokenizer.encode(p) for p in chunk], params):
+                    i = start + c.prompt_index
+                    text = completion_text(tokenizer, c.token_ids)
+                    candidates.append(Candidate(i, c.sample_index, text, float(scorer(problems[i], text)),
+                                                finished=c.finish_reason == "stop"))
+        finally:
+            policy.train(was_training)
+    if sharded:  # every rank's candidates, in problem order (contiguous shares in rank order), then select:
+        # de-duplication and the per-prompt cap see all of a prompt's samples, as in one process
+        candidates = [c for share in D.all_gather_objects(candidates, dist) for c in share]
     kept, rejected = select(candidates, filters, count_tokens)
     source = {"model": model_name or getattr(model.args, "model_type", "model"), "step": step,
               "temperature": temperature, "top_p": top_p, "seed": seed, "template": template}

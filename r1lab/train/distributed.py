@@ -432,12 +432,13 @@ def save_consolidated(model, info: DistInfo, path: str | Path, *, dtype: torch.d
     from r1lab.model import save as save_model
 
     path = Path(path)
-    if not info.is_distributed or not is_sharded(model):
-        if dtype is None or dtype == next(model.parameters()).dtype:
-            return save_model(model, path, extra_files=extra_files)
+    if not is_sharded(model) and (dtype is None or dtype == next(model.parameters()).dtype):
+        out = save_model(model, path, extra_files=extra_files) if info.is_main else None  # one writer
+        barrier(info)
+        return out if info.is_main else path
     state = consolidated_state_dict(model, info)
     out = None
-    if state is not None:
+    if state is not None and info.is_main:
         dtype = dtype or next(iter(v for k, v in state.items() if v.is_floating_point())).dtype
         plain = _plain_model(model.args, torch.device("cpu"), dtype)
         missing, unexpected = plain.load_state_dict(state, strict=False)

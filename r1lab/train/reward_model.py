@@ -38,6 +38,7 @@ from torch import nn
 import r1lab.model as rm
 from r1lab.corpus import generate_cold_start
 from r1lab.tokenizer import Tokenizer, load_tokenizer
+from r1lab.train import distributed as D
 from r1lab.train.batching import pack_sequences
 from r1lab.train.checkpoint import load_latest_checkpoint, restore, save_checkpoint
 from r1lab.train.run_dir import RunDir
@@ -324,31 +325,83 @@ def _encode_pairs(pairs: list[dict], tok: Tokenizer, cfg: RewardModelConfig) -> 
 
 
 @torch.no_grad()
-def pair_accuracy(net: RewardModelNet, chosen: list[list[int]], rejected: list[list[int]], max_tokens: int) -> dict[str, float]:
-    """Held-out {accuracy: share of pairs with r_chosen > r_rejected, loss: mean BT loss, margin: mean gap}."""
+def pair_accuracy(net: RewardModelNet, chosen: list[list[int]], rejected: list[list[int]], max_tokens: int,
+                  dist: D.DistInfo | None = None) -> dict[str, float]:
+    """Held-out {accuracy: share of pairs with r_chosen > r_rejected, loss: mean BT loss, margin: mean gap}.
+    dist (under torchrun, every rank calls it): each rank scores its contiguous share of the pairs and the
+    sums are added over ranks, so every rank returns the numbers of all pairs."""
     was_training = net.training
     net.eval()
+    if dist is not None and dist.is_distributed:
+        lo, hi = D.share_bounds(len(chosen), dist)
+        sums = [0.0, 0.0, 0.0]
+        if hi > lo:
+            rc, rr = net.rewards(chosen[lo:hi], max_tokens), net.rewards(rejected[lo:hi], max_tokens)
+            sums = [float((rc > rr).float().sum()), float(-F.logsigmoid(rc - rr).sum()), float((rc - rr).sum())]
+        net.train(was_training)
+        correct, loss, margin = D.sums_across_ranks(sums, dist)
+        n = max(len(chosen), 1)
+        return {"accuracy": correct / n, "loss": loss / n, "margin": margin / n}
     rc, rr = net.rewards(chosen, max_tokens), net.rewards(rejected, max_tokens)
     net.train(was_training)
     return {"accuracy": float((rc > rr).float().mean()), "loss": float(bradley_terry_loss(rc, rr)),
             "margin": float((rc - rr).mean())}
 
 
+def _sum_gradients(params: list[torch.nn.Parameter], info: D.DistInfo) -> None:
+    """Data parallelism over plain replicas: add up the ranks' gradients (one collective for the flags, one
+    for the values). A parameter gets a gradient when some rank produced one (the others count zeros), so
+    parameters the model never uses keep none, as in one process."""
+    import torch.distributed as tdist
+
+    has = torch.tensor([float(p.grad is not None) for p in params], device=info.device)
+    tdist.all_reduce(has, op=tdist.ReduceOp.MAX)
+    used = [p for p, h in zip(params, has.tolist()) if h]
+    if not used:
+        return
+    for p in used:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1).float() for p in used])
+    tdist.all_reduce(flat)
+    for p, part in zip(used, flat.split([p.numel() for p in used])):
+        p.grad.copy_(part.view_as(p.grad))
+
+
 def train_reward_model(cfg: RewardModelConfig, run_dir: RunDir | str | Path, *, net: RewardModelNet | None = None,
                        tokenizer: Tokenizer | None = None, log: Callable[[str], None] = print,
-                       on_step: Callable[[int, dict], None] | None = None) -> RewardModelNet:
+                       on_step: Callable[[int, dict], None] | None = None,
+                       dist: D.DistInfo | None = None) -> RewardModelNet:
     """Train with the Bradley-Terry loss; writes run_dir/reward_model (HF body + head + tokenizer), metrics
-    (train loss/accuracy, held-out eval_accuracy) and summary.json. Resumes from the latest checkpoint."""
+    (train loss/accuracy, held-out eval_accuracy) and summary.json. Resumes from the latest checkpoint.
+
+    dist (from distributed.init_distributed() under torchrun; every rank calls it): data-parallel over
+    plain replicas (no FSDP: a reward model is small next to the policy). Every rank holds the whole
+    model (rank 0's initial weights), scores its contiguous share of each step's pairs with the loss
+    divided by the step's global pair count, and the gradients are summed over ranks, so every replica
+    takes the single-process step. Rank 0 alone logs and writes checkpoints and the folder; every rank
+    resumes from the same checkpoint and returns the trained net on its own device."""
     from r1lab.config import to_dict
 
+    info = dist or D.single_process(cfg.device)
+    main = info.is_main
+    if not main:
+        log = _quiet
+    device = str(info.device) if info.is_distributed else cfg.device
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     if net is None:
-        body, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer, seed=cfg.seed, device=cfg.device,
+        body, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer, seed=cfg.seed, device=device,
                                              dtype=cfg.dtype, tokenizer=tokenizer)
         net = RewardModelNet(body, seed=cfg.seed)
     else:
         tok = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model)
-        net = net.to(device=torch.device(cfg.device), dtype=getattr(torch, cfg.dtype))
+        net = net.to(device=torch.device(device), dtype=getattr(torch, cfg.dtype))
+    if info.is_distributed:  # identical replicas: rank 0's weights everywhere
+        import torch.distributed as tdist
+
+        with torch.no_grad():
+            for t in list(net.parameters()) + list(net.buffers()):
+                tdist.broadcast(t.data, src=0)
     required = ("prompt", "chosen", "rejected")
     pairs = (make_preference_pairs(cfg.synthetic_pairs, seed=cfg.seed) if cfg.data is None
              else load_records(cfg.data, required=required))
@@ -378,16 +431,18 @@ def train_reward_model(cfg: RewardModelConfig, run_dir: RunDir | str | Path, *, 
                              f"vs now {fingerprint}); use a new run directory")
         net.head.load_state_dict({k: v.to(net.device) for k, v in extra["head"].items()})
         start, initial_eval = extra["step"], extra.get("initial_eval")
-        run_dir.close()
-        run_dir = RunDir(run_dir.path, resume_step=start - 1)
+        if main:  # drops the log lines past the checkpoint
+            run_dir.close()
+            run_dir = RunDir(run_dir.path, resume_step=start - 1)
         log(f"reward model: resumed from {found[1]} at step {start}")
     cfg_dict = to_dict(cfg)
     for key in ("data", "eval_data"):
         if not isinstance(getattr(cfg, key), (str, Path, type(None))):
             cfg_dict[key] = f"<in-memory: {len(getattr(cfg, key))} pairs>"
-    run_dir.write_config(cfg_dict)
+    if main:
+        run_dir.write_config(cfg_dict)
     if initial_eval is None and eval_pairs:
-        initial_eval = pair_accuracy(net, ev_chosen, ev_rejected, cfg.micro_batch_tokens)
+        initial_eval = pair_accuracy(net, ev_chosen, ev_rejected, cfg.micro_batch_tokens, dist=info)
         log(f"reward model: held-out accuracy before training {initial_eval['accuracy']:.3f}")
 
     eval_metrics = initial_eval
@@ -399,44 +454,92 @@ def train_reward_model(cfg: RewardModelConfig, run_dir: RunDir | str | Path, *, 
         lr = warmup_cosine_lr(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
-        seqs = [tr_chosen[i] for i in members] + [tr_rejected[i] for i in members]
-        rewards = net.rewards(seqs, cfg.micro_batch_tokens)
-        rc, rr = rewards[: len(members)], rewards[len(members):]
-        loss = bradley_terry_loss(rc, rr)
-        aux = net.body.aux_loss()
-        opt.zero_grad(set_to_none=True)
-        (loss if aux is None else loss + aux).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        opt.step()
-        net.body.update_router_bias(1e-3)
-        metrics = {"loss": loss.item(), "accuracy": (rc > rr).float().mean().item(), "margin": (rc - rr).mean().item(),
-                   "lr": lr, "grad_norm": float(grad_norm), "epoch": epoch,
-                   "tokens_per_s": sum(map(len, seqs)) / max(time.time() - t0, 1e-9)}
+        if info.is_distributed:
+            metrics = _sharded_step(net, opt, members, tr_chosen, tr_rejected, cfg, info)
+        else:
+            seqs = [tr_chosen[i] for i in members] + [tr_rejected[i] for i in members]
+            rewards = net.rewards(seqs, cfg.micro_batch_tokens)
+            rc, rr = rewards[: len(members)], rewards[len(members):]
+            loss = bradley_terry_loss(rc, rr)
+            aux = net.body.aux_loss()
+            opt.zero_grad(set_to_none=True)
+            (loss if aux is None else loss + aux).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            opt.step()
+            net.body.update_router_bias(1e-3)
+            metrics = {"loss": loss.item(), "accuracy": (rc > rr).float().mean().item(),
+                       "margin": (rc - rr).mean().item(), "grad_norm": float(grad_norm),
+                       "tokens_per_s": sum(map(len, seqs)) / max(time.time() - t0, 1e-9)}
+        metrics = {"loss": metrics["loss"], "accuracy": metrics["accuracy"], "margin": metrics["margin"], "lr": lr,
+                   "grad_norm": metrics["grad_norm"], "epoch": epoch, "tokens_per_s": metrics["tokens_per_s"]}
         done = step + 1
         if eval_pairs and (done % cfg.eval_every == 0 or done == total_steps):
-            eval_metrics = pair_accuracy(net, ev_chosen, ev_rejected, cfg.micro_batch_tokens)
+            eval_metrics = pair_accuracy(net, ev_chosen, ev_rejected, cfg.micro_batch_tokens, dist=info)
             metrics.update({f"eval_{k}": v for k, v in eval_metrics.items()})
-        if step % cfg.log_every == 0 or done == total_steps or "eval_accuracy" in metrics:
+        if main and (step % cfg.log_every == 0 or done == total_steps or "eval_accuracy" in metrics):
             run_dir.log_metrics(step, metrics)
             log(f"step {step:5d}  loss {metrics['loss']:.4f}  acc {metrics['accuracy']:.3f}"
                 + (f"  eval_acc {metrics['eval_accuracy']:.3f}" if "eval_accuracy" in metrics else ""))
         if done == total_steps or (cfg.save_every and done % cfg.save_every == 0):
             head = {k: v.detach().clone() for k, v in net.head.state_dict().items()}
-            save_checkpoint(run_dir.path, done, net.body, opt, keep_last=cfg.keep_checkpoints,
-                            extra_state={"fingerprint": fingerprint, "head": head, "initial_eval": initial_eval})
-        if on_step is not None:
+            if main:  # the replicas are identical: rank 0's copy is the checkpoint every rank resumes from
+                save_checkpoint(run_dir.path, done, net.body, opt, keep_last=cfg.keep_checkpoints,
+                                extra_state={"fingerprint": fingerprint, "head": head, "initial_eval": initial_eval})
+            D.barrier(info)
+        if on_step is not None and main:
             on_step(step, metrics)
 
     net.eval()
-    target = net.save(run_dir.path / "reward_model", tokenizer=tok,
-                      scoring={"template": cfg.template, "separator": cfg.separator, "max_len": cfg.max_len})
-    summary = {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "truncated_pairs": truncated,
-               "steps": total_steps, "reward_model": str(target)}
-    if initial_eval is not None:
-        summary["initial_eval_accuracy"] = initial_eval["accuracy"]
-    if eval_metrics is not None:
-        summary.update({f"eval_{k}": v for k, v in eval_metrics.items()})
-    run_dir.write_summary(summary)
+    target = run_dir.path / "reward_model"
+    if main:
+        net.save(target, tokenizer=tok,
+                 scoring={"template": cfg.template, "separator": cfg.separator, "max_len": cfg.max_len})
+        summary = {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "truncated_pairs": truncated,
+                   "steps": total_steps, "reward_model": str(target)}
+        if initial_eval is not None:
+            summary["initial_eval_accuracy"] = initial_eval["accuracy"]
+        if eval_metrics is not None:
+            summary.update({f"eval_{k}": v for k, v in eval_metrics.items()})
+        if info.is_distributed:
+            summary["world_size"] = info.world_size
+        run_dir.write_summary(summary)
     run_dir.close()
+    D.barrier(info)  # the folder is complete before any rank returns
     log(f"reward model: wrote {target}")
     return net
+
+
+def _sharded_step(net: RewardModelNet, opt, members: list[int], chosen: list[list[int]], rejected: list[list[int]],
+                  cfg: RewardModelConfig, info: D.DistInfo) -> dict[str, float]:
+    """One data-parallel optimizer step: this rank's share of the step's pairs, the Bradley-Terry loss as a
+    sum over the share divided by the global pair count (the MoE balance loss weighted by the share), the
+    gradients summed over ranks; the same clipped update on every replica. Returns global metrics."""
+    t0 = time.time()
+    mine = D.rank_share(members, info)
+    seqs = [chosen[i] for i in mine] + [rejected[i] for i in mine]
+    opt.zero_grad(set_to_none=True)
+    sums = [0.0, 0.0, 0.0, float(sum(map(len, seqs)))]
+    if mine:
+        rewards = net.rewards(seqs, cfg.micro_batch_tokens)
+        rc, rr = rewards[: len(mine)], rewards[len(mine):]
+        pair_losses = -F.logsigmoid(rc - rr)  # bradley_terry_loss per pair
+        loss = pair_losses.sum() / len(members)
+        aux = net.body.aux_loss()
+        if aux is not None:
+            loss = loss + aux * (len(mine) / len(members))
+        loss.backward()
+        sums[:3] = [float(pair_losses.detach().sum()), float((rc > rr).float().sum()), float((rc - rr).detach().sum())]
+    params = [p for p in net.parameters() if p.requires_grad]
+    _sum_gradients(params, info)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    opt.step()
+    D.all_reduce_expert_loads(net.body, info)  # global loads: the same bias update on every replica
+    net.body.update_router_bias(1e-3)
+    loss_sum, correct, margin, tokens = D.sums_across_ranks(sums, info)
+    n = len(members)
+    return {"loss": loss_sum / n, "accuracy": correct / n, "margin": margin / n, "grad_norm": float(grad_norm),
+            "tokens_per_s": tokens / max(time.time() - t0, 1e-9)}
+
+
+def _quiet(_: str) -> None:
+    pass
