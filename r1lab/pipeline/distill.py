@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 import r1lab.model as rm
-from r1lab.pipeline.rejection import FilterConfig, filter_records, rejection_sample, write_jsonl
+from r1lab.pipeline.rejection import SamplingSpec, filter_records, rejection_sample, write_jsonl
 from r1lab.tokenizer import Tokenizer, load_tokenizer
 from r1lab.train import distributed as D
 from r1lab.train.run_dir import RunDir, atomic_write_text, read_jsonl
@@ -32,7 +32,7 @@ SAMPLING_STATS = "teacher_sampling.json"
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(SamplingSpec):
     teacher: str | None = None
     """Teacher HF folder, sampled on the task's prompts when no records are given."""
     teacher_tokenizer: str | None = None
@@ -40,26 +40,9 @@ class DistillConfig:
     records: str | None = None
     """JSONL of teacher traces {prompt, completion, question?, ...} (e.g. `r1lab sample` output); used instead
     of sampling the teacher."""
-    task: str = "chain_sum"
-    """Task spec (tasks.load_task) whose prompts the teacher answers."""
-    task_options: dict = field(default_factory=dict)
-    """Extra task options (reasoning-gym config such as min_terms)."""
-    split: str = "train"
-    """Task split for the prompts."""
-    size: int = 256
-    """Prompts the teacher answers."""
-    template: str = "r1_zero"
-    """Prompt template: r1_zero, chat, plain or a string with {question}."""
-    k: int = 4
-    """Teacher samples per prompt."""
     temperature: float = 0.7
-    """Teacher sampling temperature."""
-    top_p: float = 1.0
-    """Teacher nucleus threshold."""
-    max_new_tokens: int = 256
-    """Longest teacher response (longer ones are rejected as truncated)."""
-    filters: FilterConfig = field(default_factory=FilterConfig)
-    """Which traces to keep (correctness needs problems with gold answers; given records are text-filtered)."""
+    """Teacher sampling temperature (the task, prompt count, k and filters: SamplingSpec's fields; given
+    records are text-filtered only, since correctness needs problems with gold answers)."""
     student: str = "tiny-dense"
     """Student initial weights: an HF folder (e.g. a Qwen2.5 checkpoint) or a preset name (fresh weights)."""
     student_model: dict = field(default_factory=dict)

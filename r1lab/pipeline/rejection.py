@@ -321,11 +321,10 @@ def write_jsonl(records: Iterable[dict], path: str | Path) -> Path:
 
 # ----------------------------------------------------------------------------------- command
 @dataclass
-class RejectionConfig:
-    model: str = ""
-    """HF model folder to sample from (the reasoning-RL checkpoint, R1's stage-2 output)."""
-    tokenizer: str | None = None
-    """Tokenizer folder; None means the model folder."""
+class SamplingSpec:
+    """What to sample and keep: a task's prompts, k samples each, the filters. Shared by `r1lab sample`
+    (RejectionConfig) and `r1lab distill` (DistillConfig), whose YAML keys are these field names."""
+
     task: str = "chain_sum"
     """Task spec for tasks.load_task (a reasoning-gym name, jsonl:PATH, ...)."""
     task_options: dict = field(default_factory=dict)
@@ -346,6 +345,14 @@ class RejectionConfig:
     """Longest response; longer ones are truncated and rejected."""
     filters: FilterConfig = field(default_factory=FilterConfig)
     """Which samples to keep."""
+
+
+@dataclass
+class RejectionConfig(SamplingSpec):
+    model: str = ""
+    """HF model folder to sample from (the reasoning-RL checkpoint, R1's stage-2 output)."""
+    tokenizer: str | None = None
+    """Tokenizer folder; None means the model folder."""
     prompts_per_batch: int = 64
     """Prompts per generate call."""
     seed: int = 0
