@@ -1,10 +1,11 @@
 """GRPO step time: r1lab's trainer vs TRL's GRPOTrainer (HF-generate backend), same run, same model, same GPU.
 
-    python benchmarks/grpo_step.py --tokenizer .whl/qwen_tok [--skip-trl] [--out grpo_step.json]
+    python benchmarks/grpo_step.py --tokenizer .whl/qwen_tok [--skip-trl] [--fused-head] [--out grpo_step.json]
 
 Qwen2.5-0.5B shape with random weights (bf16), 16 prompts x 8 samples, ~60-token prompts, exactly 256
 completion tokens (stops ignored), beta 0, one optimizer step per rollout. Reports the median step time of
-steps 2-5 for both and the ratio.
+steps 2-5 for both and the ratio. --fused-head also runs r1lab's trainer again with the fused vocabulary head
+(r1lab.train.logprobs.FUSED_HEAD = True) in the same process, reported as "r1lab+fused_head".
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--data", default="jsonl:.whl/chain_sum.jsonl", help="any task spec; the prompts are replaced")
     p.add_argument("--skip-trl", action="store_true")
+    p.add_argument("--fused-head", action="store_true", help="A/B: r1lab again with the fused vocabulary head")
     p.add_argument("--out", default="grpo_step.json")
     a = p.parse_args()
     from r1lab.tokenizer import load_tokenizer
@@ -108,6 +110,15 @@ def main():
             (model_dir / f).write_bytes((Path(a.tokenizer) / f).read_bytes())
         result = {"gpu": torch.cuda.get_device_name(), "r1lab": bench_r1lab(model_dir, a.steps, a.data)}
         torch.cuda.empty_cache()
+        if a.fused_head:
+            import r1lab.train.logprobs as lpm
+
+            lpm.FUSED_HEAD = True
+            try:
+                result["r1lab+fused_head"] = bench_r1lab(model_dir, a.steps, a.data)
+            finally:
+                lpm.FUSED_HEAD = False
+            torch.cuda.empty_cache()
         if not a.skip_trl:
             try:
                 result["trl"] = bench_trl(model_dir, a.steps)
@@ -119,6 +130,9 @@ def main():
     print(json.dumps(med))
     if "trl" in med:
         print(f"r1lab {med['r1lab']:.2f} s/step vs TRL {med['trl']:.2f} s/step: {med['trl'] / med['r1lab']:.1f}x")
+    if "r1lab+fused_head" in med:
+        print(f"r1lab {med['r1lab']:.2f} s/step, with the fused head {med['r1lab+fused_head']:.2f} s/step: "
+              f"{med['r1lab'] / med['r1lab+fused_head']:.2f}x")
     Path(a.out).write_text(json.dumps(result, indent=2))
 
 

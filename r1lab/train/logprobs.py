@@ -5,12 +5,22 @@ softmax) for the backward. Here the trunk runs once, then the head runs over chu
 tokens; each chunk goes through `torch.utils.checkpoint`, so autograd stores only the chunk's hidden
 states and recomputes its logits during the backward. Peak extra memory: one chunk of logits, forward
 or backward.
+
+fused_head=True (or the module default FUSED_HEAD) swaps the chunk loop for `fused_head.fused_head_logprobs`:
+bf16 logits read by one Triton kernel per chunk (no fp32 copy), the logits' gradient written during the
+forward (no recomputed softmax, no softmax backward), within a memory budget (see that module). Off by
+default until measured on a GPU; with it off this path is unchanged.
 """
 
 from __future__ import annotations
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from r1lab.train.fused_head import fused_head_logprobs
+
+FUSED_HEAD = False
+"""Default of logprobs_from_hidden / token_logprobs' fused_head argument (SFT and GRPO use the default)."""
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -42,6 +52,7 @@ def logprobs_from_hidden(
     temperature: float = 1.0,
     with_entropy: bool = False,
     mask: torch.Tensor | None = None,
+    fused_head: bool | None = None,
 ):
     """hidden [B, T, d] (pre-norm, from `model.forward_hidden`), targets [B, T] → logp [B, T] fp32.
 
@@ -50,6 +61,8 @@ def logprobs_from_hidden(
     [B, T] of the same distribution (differentiable, e.g. for an entropy bonus).
     mask [B, T] (optional): compute the head only where True (e.g. the loss mask, skipping prompt tokens,
     often a third of the head's work in RL); other positions return 0.
+    fused_head: use the fused head (None = the module default FUSED_HEAD); same values and gradients up to
+    rounding.
     """
     B, T, d = hidden.shape
     if targets.shape != (B, T):
@@ -61,17 +74,24 @@ def logprobs_from_hidden(
     if mask is not None:
         rows = mask.reshape(B * T).nonzero().squeeze(1)
         flat_h, flat_t = flat_h.index_select(0, rows), flat_t.index_select(0, rows)
-    head_params = [*model.lm_head.parameters(), *model.model.norm.parameters()]
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head_params))
-    n = flat_t.numel()
-    outs = []
-    for start in range(0, n, chunk_size):
-        end = start + chunk_size
-        args = (model, flat_h[start:end], flat_t[start:end], temperature, with_entropy)
-        # Checkpointing keeps the chunk's [c, V] logits out of the autograd graph; the backward recomputes
-        # them chunk by chunk. No-grad calls (old/ref log-probs) skip the wrapper.
-        outs.append(checkpoint(_head_chunk, *args, use_reentrant=False) if grad else _head_chunk(*args))
-    outs = [(o,) if not with_entropy else o for o in outs]
+    if FUSED_HEAD if fused_head is None else fused_head:
+        if model.lm_head.bias is not None:
+            raise ValueError("fused_head supports a head without bias only")
+        out = fused_head_logprobs(flat_h, model.lm_head.weight, flat_t, norm=model.model.norm,
+                                  temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size)
+        outs = [out if with_entropy else (out,)]
+    else:
+        head_params = [*model.lm_head.parameters(), *model.model.norm.parameters()]
+        grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head_params))
+        n = flat_t.numel()
+        outs = []
+        for start in range(0, n, chunk_size):
+            end = start + chunk_size
+            args = (model, flat_h[start:end], flat_t[start:end], temperature, with_entropy)
+            # Checkpointing keeps the chunk's [c, V] logits out of the autograd graph; the backward recomputes
+            # them chunk by chunk. No-grad calls (old/ref log-probs) skip the wrapper.
+            outs.append(checkpoint(_head_chunk, *args, use_reentrant=False) if grad else _head_chunk(*args))
+        outs = [(o,) if not with_entropy else o for o in outs]
     results = []
     for k in range(2 if with_entropy else 1):
         vals = torch.cat([o[k] for o in outs]) if outs else hidden.new_zeros(0, dtype=torch.float32)
@@ -92,6 +112,7 @@ def token_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     mask: torch.Tensor | None = None,
+    fused_head: bool | None = None,
 ):
     """input_ids [B, T], targets [B, T] → logp [B, T] fp32 (and entropy [B, T] if with_entropy).
 
@@ -99,9 +120,10 @@ def token_logprobs(
     are passed to the model for packed rows (block-causal attention, positions restarting per document).
     temperature divides the logits, so the result is the log-prob under the distribution the rollout
     sampled from; use the same temperature for old, reference and current log-probs.
-    mask [B, T]: compute only these positions (see logprobs_from_hidden).
+    mask [B, T]: compute only these positions (see logprobs_from_hidden). fused_head: see there.
     """
     hidden = model.forward_hidden(input_ids, positions, doc_ids=doc_ids)
     return logprobs_from_hidden(
-        model, hidden, targets, chunk_size=chunk_size, temperature=temperature, with_entropy=with_entropy, mask=mask
+        model, hidden, targets, chunk_size=chunk_size, temperature=temperature, with_entropy=with_entropy, mask=mask,
+        fused_head=fused_head,
     )
