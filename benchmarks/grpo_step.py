@@ -108,16 +108,17 @@ def main():
         load_tokenizer(a.tokenizer).save(model_dir)
         for f in ("tokenizer.json", "tokenizer_config.json"):
             (model_dir / f).write_bytes((Path(a.tokenizer) / f).read_bytes())
+        import r1lab.train.logprobs as lpm
+
+        lpm.FUSED_HEAD = False if a.fused_head else None  # --fused-head: the A side is the plain head
         result = {"gpu": torch.cuda.get_device_name(), "r1lab": bench_r1lab(model_dir, a.steps, a.data)}
         torch.cuda.empty_cache()
         if a.fused_head:
-            import r1lab.train.logprobs as lpm
-
             lpm.FUSED_HEAD = True
             try:
                 result["r1lab+fused_head"] = bench_r1lab(model_dir, a.steps, a.data)
             finally:
-                lpm.FUSED_HEAD = False
+                lpm.FUSED_HEAD = None
             torch.cuda.empty_cache()
         if not a.skip_trl:
             try:

@@ -65,9 +65,10 @@ def _exact(h, W, norm, t, w_logp, w_ent, temperature, entropy_grad):
     return [v.float() for v in out]
 
 
-def _assert_all_close(got, ref, label):
+def _assert_all_close(got, ref, label, tolerances: dict | None = None):
     for name, a, b in zip(["logp", "entropy", "grad hidden", "grad head", "grad norm"], got, ref):
-        torch.testing.assert_close(a, b, **TOL, msg=lambda m, name=name: f"{label} {name}: {m}")
+        tol = (tolerances or {}).get(name, TOL)
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{label} {name}: {m}")
 
 
 # ----------------------------------------------------------------------------------------- torch twin (CPU)
@@ -184,8 +185,8 @@ def test_logprobs_from_hidden_fused_equals_plain(model):
         torch.testing.assert_close(g1[name], g0[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_fused_head_is_off_by_default_and_follows_the_module_switch(model, monkeypatch):
-    assert lpm.FUSED_HEAD is False
+def test_fused_head_is_off_by_default_on_cpu_and_follows_the_module_switch(model, monkeypatch):
+    assert lpm.FUSED_HEAD is None  # auto: fused on CUDA only
     calls = []
     real = lpm.fused_head_logprobs
     monkeypatch.setattr(lpm, "fused_head_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -318,7 +319,10 @@ def test_cuda_triton_equals_torch_twin_fp32(entropy_grad):
                                                   chunk_size=1024, store_bytes=1024 * 151936 * 4, impl=impl),
             h, W, norm, w_logp, w_ent, entropy_grad)
     assert fh._use_triton("auto", h.device)
-    _assert_all_close(out["triton"], out["torch"], "triton vs torch")
+    # The norm weight's gradient sums 2,500 rows of [d] products of 152k-long GEMM reductions: on the H200
+    # the two orders of summation differed by up to 4.0e-5 (1.3e-4 relative) there, 1e-5 everywhere else.
+    _assert_all_close(out["triton"], out["torch"], "triton vs torch",
+                      tolerances={"grad norm": dict(atol=2e-4, rtol=1e-3)})
 
 
 def _rel(a, b):

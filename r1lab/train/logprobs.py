@@ -6,10 +6,12 @@ tokens; each chunk goes through `torch.utils.checkpoint`, so autograd stores onl
 states and recomputes its logits during the backward. Peak extra memory: one chunk of logits, forward
 or backward.
 
-fused_head=True (or the module default FUSED_HEAD) swaps the chunk loop for `fused_head.fused_head_logprobs`:
-bf16 logits read by one Triton kernel per chunk (no fp32 copy), the logits' gradient written during the
-forward (no recomputed softmax, no softmax backward), within a memory budget (see that module). Off by
-default until measured on a GPU; with it off this path is unchanged.
+fused_head=True (the default on CUDA, module default FUSED_HEAD) swaps the chunk loop for
+`fused_head.fused_head_logprobs`: bf16 logits read by one Triton kernel per chunk (no fp32 copy), the logits'
+gradient written during the forward (no recomputed softmax, no softmax backward), within a memory budget (see
+that module). Measured on an H200 (Qwen2.5-0.5B head, 16k tokens, forward + backward): 140 ms and 21.2 GiB
+of extra memory → 35 ms and 1.6 GiB; a whole training step +22% tokens/s. On CPU the default keeps the
+plain path below (the fused twin there is only a reference).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from torch.utils.checkpoint import checkpoint
 
 from r1lab.train.fused_head import fused_head_logprobs
 
-FUSED_HEAD = False
-"""Default of logprobs_from_hidden / token_logprobs' fused_head argument (SFT and GRPO use the default)."""
+FUSED_HEAD: bool | None = None
+"""Default of logprobs_from_hidden / token_logprobs' fused_head argument (SFT and GRPO use the default):
+None = fused on CUDA, plain elsewhere."""
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -74,7 +77,9 @@ def logprobs_from_hidden(
     if mask is not None:
         rows = mask.reshape(B * T).nonzero().squeeze(1)
         flat_h, flat_t = flat_h.index_select(0, rows), flat_t.index_select(0, rows)
-    if FUSED_HEAD if fused_head is None else fused_head:
+    if fused_head is None:
+        fused_head = hidden.is_cuda if FUSED_HEAD is None else FUSED_HEAD
+    if fused_head:
         if model.lm_head.bias is not None:
             raise ValueError("fused_head supports a head without bias only")
         out = fused_head_logprobs(flat_h, model.lm_head.weight, flat_t, norm=model.model.norm,
