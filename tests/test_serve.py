@@ -15,9 +15,24 @@ import httpx
 import openai
 import pytest
 
-from r1lab.rollout import StreamEvent
-from r1lab.serve import build_random_checkpoint, load_model_and_tokenizer, render_chat_prompt
-from r1lab.serve.server import BackgroundServer, create_app
+from r1lab.rollout import SamplingParams, StreamEvent
+from r1lab.serve import ReasoningSplitter, build_random_checkpoint, load_model_and_tokenizer, render_chat_prompt
+from r1lab.serve.server import (
+    BackgroundServer,
+    ChoiceStream,
+    EngineJob,
+    EngineWorker,
+    ServerConfig,
+    _ChunkFormat,
+    _delta,
+    _EMPTY_DELTA,
+    _json_text,
+    _Outbox,
+    _ROLE_DELTA,
+    _Server,
+    _Submission,
+    create_app,
+)
 
 REASONING = "Two plus two is four."
 ANSWER = "4"
@@ -197,6 +212,105 @@ def test_client_disconnect_cancels_the_request(scripted):
     assert worker.active_jobs == 0
     assert worker.engine.aborted  # the engine was told to free the request's slot
     assert not worker.engine.has_unfinished()
+
+
+# ------------------------------------------------------------------------------------ batching of deliveries
+class RecordingLoop:
+    """Stands in for the event loop an _Outbox wakes: records the callbacks instead of running them."""
+
+    def __init__(self):
+        self.calls = []
+
+    def call_soon_threadsafe(self, callback, *args):
+        self.calls.append((callback, args))
+
+
+def test_worker_wakes_the_event_loop_once_per_step(tiny):
+    tokenizer = tiny[1]
+    loop = RecordingLoop()
+    outbox = _Outbox(loop)
+    worker = EngineWorker(lambda: ScriptedEngine(tokenizer))
+    worker.engine = worker.engine_factory()
+    received = []
+    for i in range(3):
+        worker._add(EngineJob([1, 2], SamplingParams(max_new_tokens=8, n=2),
+                              lambda payload, i=i: received.append((i, payload)), outbox))
+    worker._step()
+    worker._flush()
+    assert len(loop.calls) == 1 and not received  # one wake-up for 3 requests x 2 samples; nothing ran yet
+    worker._step()
+    worker._flush()
+    assert len(loop.calls) == 1  # the loop has not run: the second step rides on the pending wake-up
+    callback, args = loop.calls.pop()
+    callback(*args)
+    assert [i for i, _ in received] == [0, 1, 2, 0, 1, 2]  # in order, each step's samples together
+    assert all([s for s, *_ in payload] == [0, 1] for _, payload in received)
+    worker._step()
+    worker._flush()
+    assert len(loop.calls) == 1
+
+
+def test_tokens_of_several_steps_stream_as_one_delta(tiny):
+    """Deliveries that piled up while the handler was busy become one delta per choice with the same text and
+    usage as when they are taken one at a time; with stop strings too."""
+    model, tokenizer = tiny
+    server = _Server(model, tokenizer, ServerConfig(max_model_len=256), engine_factory=lambda: None)
+    script = tokenizer.encode(SCRIPT) + [tokenizer.eos_id]
+    deliveries = [[(0, [t], i == len(script) - 1, "stop" if i == len(script) - 1 else None)]
+                  for i, t in enumerate(script)]
+
+    def start(stops):
+        choice = ChoiceStream(tokenizer, set(server.stop_ids), stops, ReasoningSplitter(starts_in_think=True))
+        job = EngineJob([1], SamplingParams(max_new_tokens=64), lambda payload: None)
+        submission = _Submission([job], [0])
+        return submission, choice, server.run(submission, [choice])
+
+    async def one_at_a_time(stops):
+        submission, choice, updates = start(stops)
+        out = []
+        for payload in deliveries:
+            submission.receive(0, payload)
+            out.append(await updates.__anext__())
+            if choice.finish_reason is not None:
+                break
+        await updates.aclose()
+        return out, choice
+
+    async def all_at_once(stops):
+        submission, choice, updates = start(stops)
+        for payload in deliveries:
+            submission.receive(0, payload)
+        return [u async for u in updates], choice
+
+    for stops in ([], ["four"]):
+        single, c1 = asyncio.run(one_at_a_time(stops))
+        merged, c2 = asyncio.run(all_at_once(stops))
+        assert len(merged) == 1 and len(merged[0]) == 1  # one batch, one entry for the one choice
+        _, reasoning, content = merged[0][0]
+        assert reasoning == "".join(r for batch in single for _, r, _ in batch)
+        assert content == "".join(c for batch in single for _, _, c in batch)
+        assert (c1.tokens, c1.finish_reason) == (c2.tokens, c2.finish_reason)
+        if stops:
+            assert (reasoning, content, c2.finish_reason) == ("Two plus two is", "", "stop")
+            assert c2.tokens < len(script)  # counted up to the stop string, as one at a time does
+        else:
+            assert (reasoning, content, c2.tokens) == (REASONING, ANSWER, len(script))
+
+
+def test_sse_events_are_the_json_of_the_chunk():
+    head = {"id": "chatcmpl-1", "created": 7, "model": 'm\u00e9"x'}
+    cases = [(_ROLE_DELTA, {"delta": {"role": "assistant", "content": ""}}, None),
+             (_delta('a"\n\u4e2d', ""), {"delta": {"reasoning_content": 'a"\n\u4e2d'}}, None),
+             (_delta("", "x\\y"), {"delta": {"content": "x\\y"}}, None),
+             (_delta("r", "c"), {"delta": {"reasoning_content": "r", "content": "c"}}, None),
+             (_EMPTY_DELTA, {"delta": {}}, "stop"),
+             ('"text": ' + _json_text("t\u2028"), {"text": "t\u2028"}, "length")]
+    for usage in (False, True):
+        sse = _ChunkFormat(head, "chat.completion.chunk", usage)
+        for body, members, finish in cases:
+            choice = {"index": 3, **members, "logprobs": None, "finish_reason": finish}
+            data = {**head, "object": "chat.completion.chunk", "choices": [choice], **({"usage": None} if usage else {})}
+            assert sse.chunk(3, body, finish) == f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
 # ------------------------------------------------------------------------------------ validation

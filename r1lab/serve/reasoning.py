@@ -110,6 +110,8 @@ class StopStringFilter:
         """The text that is certainly output; after a stop string (`stopped` is then True) nothing more."""
         if self.stopped:
             return ""
+        if not self.stops:
+            return text
         text = self._held + text
         hits = [i for i in (text.find(s) for s in self.stops) if i != -1]
         if hits:
@@ -161,10 +163,13 @@ def _partial_tag_length(text: str, tags: Sequence[str]) -> int:
     of a tag whose rest has not arrived yet)."""
     longest = 0
     for tag in tags:
-        for size in range(min(len(tag) - 1, len(text)), longest, -1):
-            if text.endswith(tag[:size]):
-                longest = size
+        # such a suffix starts with tag[0] within the last len(tag) - 1 characters: try those starts in order
+        start = text.find(tag[0], max(len(text) - len(tag) + 1, 0))
+        while start != -1 and len(text) - start > longest:
+            if tag.startswith(text[start:]):
+                longest = len(text) - start
                 break
+            start = text.find(tag[0], start + 1)
     return longest
 
 
@@ -195,16 +200,16 @@ class ReasoningSplitter:
         """Consume the next chunk of generated text; return the field text that became final."""
         self._pending += text
         delta = Delta()
-        while True:
-            before = (self._state, len(self._pending))
-            getattr(self, f"_in_{self._state}")(delta, final=False)
-            if (self._state, len(self._pending)) == before:
-                return delta
+        state = None
+        while state != self._state:  # a state consumes all it can; only a switch gives the next one work
+            state = self._state
+            _STATES[state](self, delta, False)
+        return delta
 
     def finish(self) -> Delta:
         """The generation ended: flush what was held back (a half tag is then just text)."""
         delta = Delta()
-        getattr(self, f"_in_{self._state}")(delta, final=True)
+        _STATES[self._state](self, delta, True)
         self._reasoning.held = self._content.held = ""
         return delta
 
@@ -215,7 +220,7 @@ class ReasoningSplitter:
             self._state, self._pending, self.saw_reasoning = "think", text[len(THINK_OPEN):], True
         elif final or not THINK_OPEN.startswith(text):  # (empty text is a prefix: wait for more)
             self._state = "think" if self._forced else "content"
-            getattr(self, f"_in_{self._state}")(delta, final)
+            _STATES[self._state](self, delta, final)
 
     def _in_think(self, delta: Delta, final: bool) -> None:
         end = self._pending.find(THINK_CLOSE)
@@ -243,6 +248,10 @@ class ReasoningSplitter:
         out.append(text[: len(text) - keep])
         self._pending = text[len(text) - keep:]
         delta.content += self._content.push("".join(out))
+
+
+_STATES = {"start": ReasoningSplitter._in_start, "think": ReasoningSplitter._in_think,
+           "content": ReasoningSplitter._in_content}
 
 
 def split_reasoning(text: str, *, starts_in_think: bool = False,
