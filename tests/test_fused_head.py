@@ -5,15 +5,12 @@ twin on CPU, the Triton kernels under Triton's interpreter (CPU, fp32) and on th
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_interpreter import run_interpreted
 
 import r1lab.model as rm
 import r1lab.train.fused_head as fh
@@ -22,7 +19,6 @@ from r1lab.model.layers import RMSNorm
 from r1lab.train.fused_head import fused_cross_entropy, fused_head_logprobs
 from r1lab.train.logprobs import logprobs_from_hidden
 
-ROOT = Path(__file__).resolve().parents[1]
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
@@ -290,12 +286,7 @@ _INTERPRETED = textwrap.dedent('''
 
 
 def test_triton_kernels_under_the_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-c", _INTERPRETED], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600, check=False)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "kernels ok" in result.stdout
+    assert "kernels ok" in run_interpreted(_INTERPRETED)
 
 
 # ----------------------------------------------------------------------------------------- GPU (run with -m gpu)

@@ -4,21 +4,23 @@ the GPU)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-from test_rollout import VOCAB, _full_logprobs, _model, _prompts, assert_greedy_is_full_forward_argmax
+from test_rollout import (
+    VOCAB,
+    _full_logprobs,
+    _model,
+    _prompts,
+    assert_greedy_is_full_forward_argmax,
+)
+from triton_interpreter import run_interpreted
 
 from r1lab.rollout import Engine, SamplingParams
 from r1lab.rollout import decode_attention as da
 from r1lab.rollout.fast_decode import FastDecoder
 
-ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = [(False, False), (True, False), (False, True), (True, True)]  # (fused_proj, decode_attention)
 
 
@@ -231,12 +233,8 @@ _INTERPRETED = textwrap.dedent('''
 
 
 def test_triton_kernels_under_the_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-c", _INTERPRETED], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600, check=False)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "kernel ok" in result.stdout and "engine ok" in result.stdout
+    out = run_interpreted(_INTERPRETED)
+    assert "kernel ok" in out and "engine ok" in out
 
 
 # ----------------------------------------------------------------------------- GPU (run with -m gpu)
