@@ -152,8 +152,10 @@ def sample(
     from r1lab.pipeline.rejection import RejectionConfig, run_rejection
 
     cfg = load_config(RejectionConfig, recipe, ctx.args)
-    path = run_rejection(cfg, out or _timestamped_run_dir("sample"))
-    typer.echo(f"wrote {path}")
+    with _processes(cfg.device) as info:
+        path = run_rejection(cfg, _shared_run_dir(out, "sample", info), dist=info)
+        if info.is_main:
+            typer.echo(f"wrote {path}")
 
 
 @app.command("rm", context_settings=_EXTRA_ARGS)
@@ -282,11 +284,13 @@ def eval_(
     """Evaluate a model with the R1 protocol: pass@1 over k samples, pass@k, cons@k, length, format rate."""
     from r1lab.eval.runner import evaluate_benchmarks
 
-    run_dir = out or _timestamped_run_dir("eval")
-    evaluate_benchmarks(model, bench, run_dir, template=template, k=k, temperature=temperature, top_p=top_p,
-                        max_new_tokens=max_new_tokens, seed=seed, force_think=force_think, device=device,
-                        dtype=dtype)
-    typer.echo(f"wrote {run_dir}/summary.json, {run_dir}/eval/ and {run_dir}/report.html")
+    with _processes(device) as info:
+        run_dir = _shared_run_dir(out, "eval", info)
+        evaluate_benchmarks(model, bench, run_dir, template=template, k=k, temperature=temperature, top_p=top_p,
+                            max_new_tokens=max_new_tokens, seed=seed, force_think=force_think, device=device,
+                            dtype=dtype, dist=info)
+        if info.is_main:
+            typer.echo(f"wrote {run_dir}/summary.json, {run_dir}/eval/ and {run_dir}/report.html")
 
 
 @app.command()

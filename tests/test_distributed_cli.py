@@ -49,3 +49,24 @@ def test_torchrun_zero_then_resume_in_one_process(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 1 and summary["steps"] == 3
     assert _steps(run) == [0, 1, 2]
+
+
+def test_torchrun_eval_equals_one_process_when_greedy(tmp_path):
+    """`r1lab eval` on 2 processes: each rank decodes its share of the questions; greedy, so every item and
+    number must equal the single-process run's."""
+    def run(nproc, out):
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+                    if nproc else [sys.executable])
+        cmd = launcher + ["-m", "r1lab", "eval", "--bench", "chain_sum@9", "--k", "1", "--temperature", "0",
+                          "--max-new-tokens", "32", "--out", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        items = [json.loads(line) for line in (out / "eval" / "chain_sum.jsonl").read_text().splitlines()]
+        return json.loads((out / "summary.json").read_text()), items
+
+    one, one_items = run(None, tmp_path / "one")
+    two, two_items = run(2, tmp_path / "two")
+    assert [i["index"] for i in two_items] == list(range(9))
+    assert [i["completions"] for i in two_items] == [i["completions"] for i in one_items]
+    assert two["chain_sum/pass@1"] == one["chain_sum/pass@1"]

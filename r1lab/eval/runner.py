@@ -335,7 +335,7 @@ def evaluate_benchmarks(model: Any, benches: Sequence[str | dict | BenchSpec], o
                         tokenizer: Any = None, template: str = "r1_zero", k: int = 4, temperature: float = 0.6,
                         top_p: float = 0.95, max_new_tokens: int | None = None, seed: int = 0,
                         force_think: bool = False, device: str = "cpu", dtype: str = "auto",
-                        progress: bool = True, console: Any = None) -> dict[str, dict]:
+                        progress: bool = True, console: Any = None, dist: Any = None) -> dict[str, dict]:
     """Evaluate one model on several benchmarks; returns {bench name: summary}.
 
     model: an HF folder path (None: the embedded default) or a loaded model (then pass `tokenizer`).
@@ -344,6 +344,8 @@ def evaluate_benchmarks(model: Any, benches: Sequence[str | dict | BenchSpec], o
     with the chat template and the code instruction and scored in the sandbox; the others use `template`.
     Writes out_dir/eval/<bench>.jsonl, out_dir/config.yaml, out_dir/summary.json ({"benchmarks": {...}}
     plus flat "<bench>/<metric>" numbers) and out_dir/report.html.
+    dist (under torchrun): each rank loads the model on its own GPU and samples its share of every
+    benchmark's questions; rank 0 writes the files and prints.
     """
     from r1lab.eval.report import write_report
     from r1lab.train.run_dir import RunDir
@@ -353,6 +355,8 @@ def evaluate_benchmarks(model: Any, benches: Sequence[str | dict | BenchSpec], o
         from r1lab.serve import DEFAULT_MODEL_DIR, load_model_and_tokenizer
 
         model_label = str(model or DEFAULT_MODEL_DIR)
+        if dist is not None and dist.is_distributed:
+            device = str(dist.device)
         model, loaded_tokenizer = load_model_and_tokenizer(model, device=device, dtype=dtype)
         tokenizer = tokenizer or loaded_tokenizer
     if tokenizer is None:
@@ -366,12 +370,15 @@ def evaluate_benchmarks(model: Any, benches: Sequence[str | dict | BenchSpec], o
         if seen[spec.name] > 1:
             spec.name = f"{spec.name}_{seen[spec.name]}"
 
+    main = dist is None or dist.is_main
+    progress = progress and main
     run = RunDir(out_dir)
     settings = {"model": model_label, "template": template, "k": k, "temperature": temperature, "top_p": top_p,
                 "max_new_tokens": max_new_tokens, "seed": seed, "force_think": force_think,
                 "benchmarks": [{"name": s.name, "task": s.task, "size": s.size, "options": s.options}
                                for s in specs]}
-    run.write_config(settings)
+    if main:
+        run.write_config(settings)
     summaries: dict[str, dict] = {}
     for spec in specs:
         task = _load_bench(spec, seed)
@@ -380,7 +387,9 @@ def evaluate_benchmarks(model: Any, benches: Sequence[str | dict | BenchSpec], o
             model, tokenizer, task, template=bench_template, k=k, temperature=temperature, top_p=top_p,
             max_new_tokens=max_new_tokens, seed=seed, progress=progress, force_think=force_think,
             out_path=run.path / "eval" / f"{spec.name}.jsonl", name=spec.name, console=console,
-            print_table=False)
+            print_table=False, dist=dist)
+    if not main:
+        return summaries
     flat = {f"{bench}/{metric}": value for bench, summary in summaries.items()
             for metric, value in summary.items() if isinstance(value, (int, float)) and metric in _TABLE_METRICS}
     run.write_summary({"model": model_label, "k": k, **flat, "benchmarks": summaries})

@@ -363,27 +363,35 @@ class RejectionConfig(SamplingSpec):
     """Model dtype for sampling."""
 
 
-def run_rejection(cfg: RejectionConfig, run_dir: RunDir | str | Path, log: Callable[[str], None] = print) -> Path:
+def run_rejection(cfg: RejectionConfig, run_dir: RunDir | str | Path, log: Callable[[str], None] = print,
+                  dist: Any = None) -> Path:
     """`r1lab sample`: rejection-sample a task with a checkpoint; writes run_dir/records.jsonl (kept),
-    rejected.jsonl, summary.json (stats) and config.yaml. Returns the records path."""
+    rejected.jsonl, summary.json (stats) and config.yaml. Returns the records path.
+    dist (under torchrun): every rank samples its share of the prompts on its own GPU; rank 0 writes."""
     import torch
 
     import r1lab.model as rm
     from r1lab.tasks import load_task
     from r1lab.tokenizer import load_tokenizer
 
+    main = dist is None or dist.is_main
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    run_dir.write_config(cfg)
+    if main:
+        run_dir.write_config(cfg)
     if not cfg.model:
         raise ValueError("set model= to the HF folder to sample from")
-    model = rm.load(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
+    device = str(dist.device) if dist is not None and dist.is_distributed else cfg.device
+    model = rm.load(cfg.model, dtype=getattr(torch, cfg.dtype), device=device)
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
     task = load_task(cfg.task, split=cfg.split, size=cfg.size, seed=cfg.seed, **cfg.task_options)
     result = rejection_sample(model, tok, task.problems, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
                               max_new_tokens=cfg.max_new_tokens, template=cfg.template, scorer=task.score,
                               filters=cfg.filters, seed=cfg.seed, prompts_per_batch=cfg.prompts_per_batch,
-                              model_name=str(cfg.model))
-    path = write_jsonl(result.records, run_dir.path / "records.jsonl")
+                              model_name=str(cfg.model), dist=dist)
+    path = run_dir.path / "records.jsonl"
+    if not main:
+        return path
+    write_jsonl(result.records, path)
     write_jsonl(result.rejected, run_dir.path / "rejected.jsonl")
     run_dir.log_metrics(0, result.stats)
     run_dir.write_summary({**result.stats, "records": str(path)})
