@@ -330,29 +330,28 @@ def pair_accuracy(net: RewardModelNet, chosen: list[list[int]], rejected: list[l
     """Held-out {accuracy: share of pairs with r_chosen > r_rejected, loss: mean BT loss, margin: mean gap}.
     dist (under torchrun, every rank calls it): each rank scores its contiguous share of the pairs and the
     sums are added over ranks, so every rank returns the numbers of all pairs."""
+    info = dist or D.single_process(net.device)
     was_training = net.training
     net.eval()
-    if dist is not None and dist.is_distributed:
-        lo, hi = D.share_bounds(len(chosen), dist)
-        sums = [0.0, 0.0, 0.0]
-        if hi > lo:
-            rc, rr = net.rewards(chosen[lo:hi], max_tokens), net.rewards(rejected[lo:hi], max_tokens)
-            sums = [float((rc > rr).float().sum()), float(-F.logsigmoid(rc - rr).sum()), float((rc - rr).sum())]
-        net.train(was_training)
-        correct, loss, margin = D.sums_across_ranks(sums, dist)
-        n = max(len(chosen), 1)
-        return {"accuracy": correct / n, "loss": loss / n, "margin": margin / n}
-    rc, rr = net.rewards(chosen, max_tokens), net.rewards(rejected, max_tokens)
+    lo, hi = D.share_bounds(len(chosen), info)
+    sums = [0.0, 0.0, 0.0]
+    if hi > lo:
+        rc, rr = net.rewards(chosen[lo:hi], max_tokens), net.rewards(rejected[lo:hi], max_tokens)
+        sums = [float((rc > rr).float().sum()), float(-F.logsigmoid(rc - rr).sum()), float((rc - rr).sum())]
     net.train(was_training)
-    return {"accuracy": float((rc > rr).float().mean()), "loss": float(bradley_terry_loss(rc, rr)),
-            "margin": float((rc - rr).mean())}
+    correct, loss, margin = D.sums_across_ranks(sums, info)
+    n = max(len(chosen), 1)
+    return {"accuracy": correct / n, "loss": loss / n, "margin": margin / n}
 
 
 def _sum_gradients(params: list[torch.nn.Parameter], info: D.DistInfo) -> None:
     """Data parallelism over plain replicas: add up the ranks' gradients (one collective for the flags, one
     for the values). A parameter gets a gradient when some rank produced one (the others count zeros), so
-    parameters the model never uses keep none, as in one process."""
+    parameters the model never uses keep none, as in one process. Nothing to do in one process."""
     import torch.distributed as tdist
+
+    if not info.is_distributed:
+        return
 
     has = torch.tensor([float(p.grad is not None) for p in params], device=info.device)
     tdist.all_reduce(has, op=tdist.ReduceOp.MAX)
@@ -447,29 +446,13 @@ def train_reward_model(cfg: RewardModelConfig, run_dir: RunDir | str | Path, *, 
 
     eval_metrics = initial_eval
     for step in range(start, total_steps):
-        t0 = time.time()
         epoch, within = divmod(step, steps_per_epoch)
         order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(cfg.seed * 1009 + epoch + 1))
         members = order[within * cfg.pairs_per_step : (within + 1) * cfg.pairs_per_step].tolist()
         lr = warmup_cosine_lr(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
-        if info.is_distributed:
-            metrics = _sharded_step(net, opt, members, tr_chosen, tr_rejected, cfg, info)
-        else:
-            seqs = [tr_chosen[i] for i in members] + [tr_rejected[i] for i in members]
-            rewards = net.rewards(seqs, cfg.micro_batch_tokens)
-            rc, rr = rewards[: len(members)], rewards[len(members):]
-            loss = bradley_terry_loss(rc, rr)
-            aux = net.body.aux_loss()
-            opt.zero_grad(set_to_none=True)
-            (loss if aux is None else loss + aux).backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            opt.step()
-            net.body.update_router_bias(1e-3)
-            metrics = {"loss": loss.item(), "accuracy": (rc > rr).float().mean().item(),
-                       "margin": (rc - rr).mean().item(), "grad_norm": float(grad_norm),
-                       "tokens_per_s": sum(map(len, seqs)) / max(time.time() - t0, 1e-9)}
+        metrics = _train_step(net, opt, members, tr_chosen, tr_rejected, cfg, info)
         metrics = {"loss": metrics["loss"], "accuracy": metrics["accuracy"], "margin": metrics["margin"], "lr": lr,
                    "grad_norm": metrics["grad_norm"], "epoch": epoch, "tokens_per_s": metrics["tokens_per_s"]}
         done = step + 1
@@ -509,11 +492,12 @@ def train_reward_model(cfg: RewardModelConfig, run_dir: RunDir | str | Path, *, 
     return net
 
 
-def _sharded_step(net: RewardModelNet, opt, members: list[int], chosen: list[list[int]], rejected: list[list[int]],
-                  cfg: RewardModelConfig, info: D.DistInfo) -> dict[str, float]:
-    """One data-parallel optimizer step: this rank's share of the step's pairs, the Bradley-Terry loss as a
-    sum over the share divided by the global pair count (the MoE balance loss weighted by the share), the
-    gradients summed over ranks; the same clipped update on every replica. Returns global metrics."""
+def _train_step(net: RewardModelNet, opt, members: list[int], chosen: list[list[int]], rejected: list[list[int]],
+                cfg: RewardModelConfig, info: D.DistInfo) -> dict[str, float]:
+    """One optimizer step on the pairs `members`. Data-parallel under torchrun: this rank's share of them, the
+    Bradley-Terry loss as a sum over the share divided by the global pair count (the MoE balance loss
+    weighted by the share), the gradients summed over ranks; the same clipped update on every replica.
+    One process: the share is everything. Returns the step's metrics over all pairs."""
     t0 = time.time()
     mine = D.rank_share(members, info)
     seqs = [chosen[i] for i in mine] + [rejected[i] for i in mine]
