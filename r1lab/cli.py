@@ -216,8 +216,7 @@ def zero(
 
     Extra arguments are dotted overrides, e.g. `grpo.steps=100 grpo.objective.beta=0.001 eval.k=16`."""
     from r1lab.config import load_config, to_dict
-    from r1lab.pipeline.zero import ZeroConfig, default_run_dir, print_table, run_zero
-    from r1lab.train import distributed as D
+    from r1lab.pipeline.zero import ZeroConfig, print_table, run_zero
     from r1lab.train.run_dir import RunDir
 
     overrides = list(ctx.args)
@@ -228,7 +227,7 @@ def zero(
     if resume and out is None:
         raise typer.BadParameter("--resume needs --out DIR of the run to continue")
     with _processes(cfg.grpo.device) as info:
-        run_dir = RunDir(D.broadcast_object(str(out or default_run_dir()), info))
+        run_dir = RunDir(_shared_run_dir(out, "zero", info))
         if info.is_main:
             run_dir.write_config(to_dict(cfg))
         summary = run_zero(cfg, run_dir, resume=resume, dist=info)

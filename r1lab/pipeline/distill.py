@@ -136,9 +136,8 @@ def distill(cfg: DistillConfig, run_dir: RunDir | str | Path, *, teacher_records
     """
     info = dist or D.single_process(cfg.device)
     main = info.is_main
-    if not main:
-        log = _quiet
-    device = str(info.device) if info.is_distributed else cfg.device
+    log = D.rank0_log(log, info)
+    device = str(info.device)  # the rank's own GPU under torchrun
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     cfg_dict = dataclasses.asdict(cfg)
     cfg_dict["sft"].pop("data", None)
@@ -200,7 +199,3 @@ def distill(cfg: DistillConfig, run_dir: RunDir | str | Path, *, teacher_records
     run_dir.close()
     D.barrier(info)
     return DistillResult(path, stats)
-
-
-def _quiet(_: str) -> None:
-    pass

@@ -85,12 +85,11 @@ class PipelineConfig:
 
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, out: Path, log=print, dist: D.DistInfo | None = None):
-        self.cfg, self.out, self.log = cfg, Path(out), log
+        self.cfg, self.out = cfg, Path(out)
         self.info = dist or D.single_process(cfg.device)
-        if not self.info.is_main:
-            self.log = _quiet
+        self.log = D.rank0_log(log, self.info)
         # every model of every stage loads onto this rank's own device (cuda:LOCAL_RANK under torchrun)
-        self.device = str(self.info.device) if self.info.is_distributed else cfg.device
+        self.device = str(self.info.device)
         for g in (cfg.zero, cfg.reasoning_rl, cfg.final_rl):
             g.task, g.device = cfg.task, cfg.device
         self.base_dir = Path(cfg.base) if cfg.base else ASSETS / "r1-tiny"
@@ -283,10 +282,6 @@ class BoundedReward:
         import math
 
         return [1.0 / (1.0 + math.exp(-s)) for s in self.inner.score(prompts, responses)]
-
-
-def _quiet(_: str) -> None:
-    pass
 
 
 def _pairs(records: list[dict]) -> list[dict]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 
 from r1lab.train import distributed as D
@@ -55,8 +54,8 @@ def run_zero(cfg: ZeroConfig, run_dir: RunDir, *, resume: bool = False, progress
     g = cfg.grpo
     info = dist or D.single_process(g.device)
     dtype = "float32" if g.dtype == "float32" else g.dtype
-    device = str(info.device) if info.is_distributed else g.device  # every rank loads onto its own GPU
-    model, tok = load_model_and_tokenizer(cfg.model, device=device, dtype=dtype)
+    # every rank loads onto its own GPU (cuda:LOCAL_RANK under torchrun)
+    model, tok = load_model_and_tokenizer(cfg.model, device=str(info.device), dtype=dtype)
     t = g.task
     held_out = t.load("test")
 
@@ -128,7 +127,3 @@ def print_table(summary: dict, console=None) -> None:
             continue
         table.add_row(key, f"{b:.3f}", f"{a:.3f}", f"{a - b:+.3f}")
     console.print(table)
-
-
-def default_run_dir() -> Path:
-    return Path("runs") / f"zero-{time.strftime('%Y%m%d-%H%M%S')}"

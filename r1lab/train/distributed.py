@@ -31,7 +31,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -64,6 +64,7 @@ def init_distributed(device: str | torch.device | None = None, *, timeout_s: flo
     GPUs). An already initialized default group (e.g. a test that called init_process_group itself) is reused.
     """
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    one_process_fsdp = os.environ.get("R1LAB_FSDP") == "1"
     kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -71,7 +72,7 @@ def init_distributed(device: str | torch.device | None = None, *, timeout_s: flo
     else:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-        if world > 1 or os.environ.get("R1LAB_FSDP") == "1":
+        if world > 1 or one_process_fsdp:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # torchrun sets these; a plain process may not
             os.environ.setdefault("MASTER_PORT", "29511")
             if kind == "cuda":
@@ -83,11 +84,20 @@ def init_distributed(device: str | torch.device | None = None, *, timeout_s: flo
     if kind == "cuda":
         torch.cuda.set_device(dev)
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev,
-                    is_distributed=world > 1 or (os.environ.get("R1LAB_FSDP") == "1" and dist.is_initialized()))
+                    is_distributed=world > 1 or (one_process_fsdp and dist.is_initialized()))
 
 
 def single_process(device: str | torch.device = "cpu") -> DistInfo:
     return DistInfo(device=torch.device(device))
+
+
+def rank0_log(log: Callable[[str], None], info: DistInfo) -> Callable[[str], None]:
+    """`log` on rank 0, a function that drops its message on the others (every rank runs the same code)."""
+    return log if info.is_main else _drop
+
+
+def _drop(_: str) -> None:
+    pass
 
 
 def shutdown(info: DistInfo) -> None:
@@ -193,6 +203,14 @@ def _rollout_dtype(model, info: DistInfo) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
+def _frozen_plain_copy(model, info: DistInfo):
+    """An unsharded, gradient-free model of `model`'s shape on this rank, in the rollout dtype (weights unset)."""
+    replica = _plain_model(model.args, info.device, _rollout_dtype(model, info))
+    for p in replica.parameters():
+        p.requires_grad_(False)
+    return replica
+
+
 @torch.no_grad()
 def refresh_replica(model, info: DistInfo, replica=None):
     """Copy the current full weights of the sharded `model` into its rollout replica (created on the first
@@ -201,10 +219,7 @@ def refresh_replica(model, info: DistInfo, replica=None):
     if replica is None:
         replica = _replicas.get(id(model))
     if replica is None:
-        replica = _plain_model(model.args, info.device, _rollout_dtype(model, info))
-        for p in replica.parameters():
-            p.requires_grad_(False)
-        _replicas[id(model)] = replica
+        replica = _replicas[id(model)] = _frozen_plain_copy(model, info)
     dst = dict(replica.named_parameters())
     for name, p in model.named_parameters():
         dst[name].copy_(_full(p.detach()))  # in place: the engine (and its CUDA graphs) keep their pointers
@@ -241,11 +256,7 @@ def reference_replica(model, info: DistInfo, replica=None):
     A collective (one all-gather per parameter): every rank calls it at the same point. Using the replica
     afterwards involves no collective, so ranks may score different numbers of sequences with it.
     Memory: one more full copy of the weights per rank (besides the rollout replica), kept for the run."""
-    if replica is None:
-        replica = _plain_model(model.args, info.device, _rollout_dtype(model, info))
-        for p in replica.parameters():
-            p.requires_grad_(False)
-    return refresh_replica(model, info, replica)
+    return refresh_replica(model, info, replica if replica is not None else _frozen_plain_copy(model, info))
 
 
 def release_rollout_replica(model) -> None:
@@ -321,7 +332,7 @@ def sums_across_ranks(values: Sequence[float], info: DistInfo) -> list[float]:
 
 def sum_across_ranks(x: float, info: DistInfo) -> float:
     """E.g. the global count of loss tokens / sequences that normalizes the GRPO loss."""
-    return _reduce([float(x)], info, dist.ReduceOp.SUM)[0]
+    return sums_across_ranks([x], info)[0]
 
 
 def max_across_ranks(x: int, info: DistInfo) -> int:

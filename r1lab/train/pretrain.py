@@ -91,8 +91,7 @@ def pretrain(cfg: PretrainConfig, run_dir: RunDir, log=print, dist: D.DistInfo |
     alone logs and writes run_dir/model (one consolidated Hugging Face folder)."""
     info = dist or D.single_process(cfg.device)
     main = info.is_main
-    if not main:
-        log = _quiet
+    log = D.rank0_log(log, info)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     tok = build_tokenizer(cfg)
@@ -104,7 +103,7 @@ def pretrain(cfg: PretrainConfig, run_dir: RunDir, log=print, dist: D.DistInfo |
 
     args = rm.ModelArgs(**{**cfg.model, "vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id,
                            "bos_token_id": tok.bos_id, "pad_token_id": tok.pad_id})
-    device = info.device if info.is_distributed else torch.device(cfg.device)
+    device = info.device
     # fp32 master weights; "bfloat16" means bf16 autocast for the matmuls (CUDA), never bf16 weight updates.
     model = rm.build(args, seed=cfg.seed).to(device=device).train()
     if info.is_distributed:  # before the optimizer sees the parameters
@@ -166,7 +165,3 @@ def _check_same_rows(rows: torch.Tensor, info: D.DistInfo) -> None:
     digest = float(int.from_bytes(hashlib.blake2b(rows.numpy().tobytes(), digest_size=6).digest(), "big"))
     if D.max_across_ranks(digest, info) != D.min_across_ranks(digest, info):
         raise RuntimeError("ranks built different training rows (tokenizer or corpus not deterministic)")
-
-
-def _quiet(_: str) -> None:
-    pass

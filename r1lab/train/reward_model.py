@@ -384,9 +384,8 @@ def train_reward_model(cfg: RewardModelConfig, run_dir: RunDir | str | Path, *, 
 
     info = dist or D.single_process(cfg.device)
     main = info.is_main
-    if not main:
-        log = _quiet
-    device = str(info.device) if info.is_distributed else cfg.device
+    log = D.rank0_log(log, info)
+    device = str(info.device)  # the rank's own GPU under torchrun
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     if net is None:
         body, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer, seed=cfg.seed, device=device,
@@ -523,7 +522,3 @@ def _train_step(net: RewardModelNet, opt, members: list[int], chosen: list[list[
     n = len(members)
     return {"loss": loss_sum / n, "accuracy": correct / n, "margin": margin / n, "grad_norm": float(grad_norm),
             "tokens_per_s": tokens / max(time.time() - t0, 1e-9)}
-
-
-def _quiet(_: str) -> None:
-    pass

@@ -363,10 +363,9 @@ def train_sft(cfg: SFTConfig, run_dir: RunDir | str | Path, model=None, tokenize
     """
     info = dist or D.single_process(cfg.device)
     main = info.is_main
-    if not main:
-        log = _quiet
+    log = D.rank0_log(log, info)
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    device = info.device if info.is_distributed else torch.device(cfg.device)
+    device = info.device
     model, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer, seed=cfg.seed, device=str(device),
                                           dtype=cfg.dtype, model=model, tokenizer=tokenizer)
     data = encode_dataset(load_records(cfg.data), tok, cfg)
@@ -479,7 +478,3 @@ def train_sft(cfg: SFTConfig, run_dir: RunDir | str | Path, model=None, tokenize
     D.barrier(info)  # the folder is complete before any rank returns
     log(f"sft: wrote {target}")
     return model
-
-
-def _quiet(_: str) -> None:
-    pass
