@@ -159,14 +159,12 @@ def evaluate(model: Any, tokenizer: Any, problems: Task | Sequence[Problem], *, 
     cuda = model.lm_head.weight.is_cuda
     batch = batch or max(1, (512 if cuda else 64) // k)
 
-    sharded = dist is not None and dist.is_distributed
-    lo, hi = 0, len(problems)
-    if sharded:
-        from r1lab.train.distributed import share_bounds
+    from r1lab.train import distributed as D
 
-        lo, hi = share_bounds(len(problems), dist)
-        progress = progress and dist.is_main
-        print_table = (print_table if print_table is not None else progress) and dist.is_main
+    info = dist or D.single_process()
+    lo, hi = D.share_bounds(len(problems), info)  # all of them in one process
+    progress = progress and info.is_main
+    print_table = (print_table if print_table is not None else progress) and info.is_main
     items: list[dict] = []
     generated_tokens, start = 0, time.perf_counter()
     with _progress_bar(progress, console, name, hi - lo) as advance:
@@ -189,13 +187,11 @@ def evaluate(model: Any, tokenizer: Any, problems: Task | Sequence[Problem], *, 
                 items.append(_score_item(index, problems[index], texts, lengths, reasons, scorer))
             advance(len(chunk))
     seconds = time.perf_counter() - start
-    if sharded:  # every rank's items, in problem order (shares are contiguous and in rank order)
-        from r1lab.train.distributed import all_gather_objects
-
-        shares = all_gather_objects((items, generated_tokens, seconds), dist)
-        items = [item for share, _, _ in shares for item in share]
-        generated_tokens = sum(n for _, n, _ in shares)
-        seconds = max(s for _, _, s in shares)
+    # every rank's items, in problem order (shares are contiguous and in rank order)
+    shares = D.all_gather_objects((items, generated_tokens, seconds), info)
+    items = [item for share, _, _ in shares for item in share]
+    generated_tokens = sum(n for _, n, _ in shares)
+    seconds = max(s for _, _, s in shares)
 
     summary: dict[str, Any] = dict(summarize(items))
     samples = [r for item in items for r in item["finish_reasons"]]
@@ -206,9 +202,9 @@ def evaluate(model: Any, tokenizer: Any, problems: Task | Sequence[Problem], *, 
     summary["seconds"] = round(seconds, 3)
     summary["tokens_per_second"] = round(generated_tokens / max(seconds, 1e-9), 1)
 
-    if out_path is not None and (not sharded or dist.is_main):
+    if out_path is not None and info.is_main:
         _write_jsonl(Path(out_path), items)
-    if print_table if print_table is not None else progress:
+    if print_table:
         print_summary({name: summary}, console)
     return summary, items
 
@@ -348,16 +344,17 @@ def evaluate_benchmarks(model: Any, benches: Sequence[str | dict | BenchSpec], o
     benchmark's questions; rank 0 writes the files and prints.
     """
     from r1lab.eval.report import write_report
+    from r1lab.train import distributed as D
     from r1lab.train.run_dir import RunDir
 
+    info = dist or D.single_process(device)
     model_label = "model"
     if model is None or isinstance(model, (str, Path)):
         from r1lab.serve import DEFAULT_MODEL_DIR, load_model_and_tokenizer
 
         model_label = str(model or DEFAULT_MODEL_DIR)
-        if dist is not None and dist.is_distributed:
-            device = str(dist.device)
-        model, loaded_tokenizer = load_model_and_tokenizer(model, device=device, dtype=dtype)
+        # the rank's own GPU under torchrun
+        model, loaded_tokenizer = load_model_and_tokenizer(model, device=str(info.device), dtype=dtype)
         tokenizer = tokenizer or loaded_tokenizer
     if tokenizer is None:
         raise ValueError("evaluate_benchmarks: pass tokenizer= with a loaded model")
@@ -370,7 +367,7 @@ def evaluate_benchmarks(model: Any, benches: Sequence[str | dict | BenchSpec], o
         if seen[spec.name] > 1:
             spec.name = f"{spec.name}_{seen[spec.name]}"
 
-    main = dist is None or dist.is_main
+    main = info.is_main
     progress = progress and main
     run = RunDir(out_dir)
     settings = {"model": model_label, "template": template, "k": k, "temperature": temperature, "top_p": top_p,
@@ -387,7 +384,7 @@ def evaluate_benchmarks(model: Any, benches: Sequence[str | dict | BenchSpec], o
             model, tokenizer, task, template=bench_template, k=k, temperature=temperature, top_p=top_p,
             max_new_tokens=max_new_tokens, seed=seed, progress=progress, force_think=force_think,
             out_path=run.path / "eval" / f"{spec.name}.jsonl", name=spec.name, console=console,
-            print_table=False, dist=dist)
+            print_table=False, dist=info)
     if not main:
         return summaries
     flat = {f"{bench}/{metric}": value for bench, summary in summaries.items()

@@ -246,27 +246,19 @@ def rejection_sample(
         indices stay global: the same seeds per batch start), so the samples themselves are not the ones of
         one process. The caller writes the files from rank 0.
     """
-    import contextlib
-
     from r1lab.rollout import SamplingParams, generate
     from r1lab.tasks import render_prompt
+    from r1lab.train import distributed as D
 
     filters = filters or FilterConfig()
     scorer = scorer or default_scorer
     count_tokens = (lambda text: len(tokenizer.encode(text))) if filters.max_paragraph_tokens else None
     questions = [_question_and_gold(p) for p in problems]
     prompts = [render_prompt(template, q, apply_chat_template=tokenizer.apply_chat_template) for q, _ in questions]
-    sharded = dist is not None and dist.is_distributed
-    lo, hi = 0, len(prompts)
-    if sharded:
-        from r1lab.train import distributed as D
-
-        lo, hi = D.share_bounds(len(prompts), dist)
-        policy_context = D.gathered_for_rollout(model, dist)  # the model itself unless it is FSDP-sharded
-    else:
-        policy_context = contextlib.nullcontext(model)
+    info = dist or D.single_process()
+    lo, hi = D.share_bounds(len(prompts), info)  # all of them in one process
     candidates: list[Candidate] = []
-    with policy_context as policy:
+    with D.gathered_for_rollout(model, info) as policy:  # the model itself unless it is FSDP-sharded
         was_training = policy.training
         policy.eval()
         try:
@@ -282,9 +274,9 @@ def rejection_sample(
                                                 finished=c.finish_reason == "stop"))
         finally:
             policy.train(was_training)
-    if sharded:  # every rank's candidates, in problem order (contiguous shares in rank order), then select:
-        # de-duplication and the per-prompt cap see all of a prompt's samples, as in one process
-        candidates = [c for share in D.all_gather_objects(candidates, dist) for c in share]
+    # every rank's candidates, in problem order (contiguous shares in rank order), then select: de-duplication
+    # and the per-prompt cap see all of a prompt's samples, as in one process
+    candidates = [c for share in D.all_gather_objects(candidates, info) for c in share]
     kept, rejected = select(candidates, filters, count_tokens)
     source = {"model": model_name or getattr(model.args, "model_type", "model"), "step": step,
               "temperature": temperature, "top_p": top_p, "seed": seed, "template": template}
@@ -373,21 +365,22 @@ def run_rejection(cfg: RejectionConfig, run_dir: RunDir | str | Path, log: Calla
     import r1lab.model as rm
     from r1lab.tasks import load_task
     from r1lab.tokenizer import load_tokenizer
+    from r1lab.train import distributed as D
 
-    main = dist is None or dist.is_main
+    info = dist or D.single_process(cfg.device)
+    main = info.is_main
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     if main:
         run_dir.write_config(cfg)
     if not cfg.model:
         raise ValueError("set model= to the HF folder to sample from")
-    device = str(dist.device) if dist is not None and dist.is_distributed else cfg.device
-    model = rm.load(cfg.model, dtype=getattr(torch, cfg.dtype), device=device)
+    model = rm.load(cfg.model, dtype=getattr(torch, cfg.dtype), device=str(info.device))
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
     task = load_task(cfg.task, split=cfg.split, size=cfg.size, seed=cfg.seed, **cfg.task_options)
     result = rejection_sample(model, tok, task.problems, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
                               max_new_tokens=cfg.max_new_tokens, template=cfg.template, scorer=task.score,
                               filters=cfg.filters, seed=cfg.seed, prompts_per_batch=cfg.prompts_per_batch,
-                              model_name=str(cfg.model), dist=dist)
+                              model_name=str(cfg.model), dist=info)
     path = run_dir.path / "records.jsonl"
     if not main:
         return path
