@@ -107,7 +107,6 @@ class RoutedExperts(nn.Module):
         y = y * gates.flatten()[order, None].to(y.dtype)
         return torch.zeros_like(x).index_add_(0, tokens, y)
 
-
     def forward_dense(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Every expert on every token, combined by a [N, E] gate matrix that is zero off each token's top-k.
         No host sync (forward_loop reads expert counts on the host), so CUDA graphs can capture it: the

@@ -256,6 +256,11 @@ class FusedWeights:
         return True
 
 
+def _bucket_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """[B, 1, 1, kv_len] bool: row b may read cache positions 0..positions[b]."""
+    return (torch.arange(kv_len, device=positions.device) <= positions[:, None])[:, None, None, :]
+
+
 class FastDecoder:
     """decode(tokens [B], positions [B], kv_len, out [B, V]): one decode token per row b = cache slot b.
 
@@ -295,7 +300,7 @@ class FastDecoder:
             else:
                 self.fused.refresh_if_changed()
 
-    def _attend(self, q, layer, lengths, kv_len, positions, attn, work):
+    def _attend(self, q, layer, lengths, kv_len, positions, attn, work, mask):
         B = q.shape[0]
         if self.attention_kernel:
             if self._kernel_ran:
@@ -310,7 +315,8 @@ class FastDecoder:
                 self.attention_kernel = self.decode_attention = False
         if self.decode_attention:
             return _da.decode_attention_torch(q, layer, lengths, kv_len, attn.scale, self.attention_chunks)
-        mask = (torch.arange(kv_len, device=q.device) <= positions[:, None])[:, None, None, :]  # [B,1,1,S]
+        if mask is None:  # the kernel was dropped during this step
+            mask = _bucket_mask(positions, kv_len)
         keys = layer[0, :B, :kv_len].transpose(1, 2)  # [B, Hkv, S, D] views of the cache
         values = layer[1, :B, :kv_len].transpose(1, 2)
         o = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, scale=attn.scale,
@@ -322,8 +328,10 @@ class FastDecoder:
         B = tokens.shape[0]
         cos, sin = model.rotary(positions[:, None])
         cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()  # [B, D/2] fp32
-        lengths = work = None
-        if self.decode_attention:  # rows read positions 0..positions[b] (idle rows: clamped into the bucket)
+        lengths = work = mask = None
+        if not self.decode_attention:  # SDPA over the bucket: one mask for every layer
+            mask = _bucket_mask(positions, kv_len)
+        else:  # rows read positions 0..positions[b] (idle rows: clamped into the bucket)
             lengths = (positions + 1).clamp_(max=kv_len).to(torch.int32)
             if self.attention_kernel:
                 a = model.args
@@ -343,7 +351,7 @@ class FastDecoder:
                 v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias)
             layer = self.cache.layers[i]
             q = self.rope_cache(q, k, v, cos, sin, layer, positions, attn.n_heads, attn.n_kv, attn.head_dim)
-            o = self._attend(q, layer, lengths, kv_len, positions, attn, work)  # [B, H, D]
+            o = self._attend(q, layer, lengths, kv_len, positions, attn, work, mask)  # [B, H, D]
             delta = F.linear(o.reshape(B, -1), attn.o_proj.weight, attn.o_proj.bias)
             x, residual = self.add_rmsnorm(delta, residual, block.post_attention_layernorm.weight, eps)
             if fused is not None:
