@@ -475,6 +475,6 @@ def train_sft(cfg: SFTConfig, run_dir: RunDir | str | Path, model=None, tokenize
                                "first_loss": first_loss, "final_loss": last_loss, "model": str(target),
                                "parameters": model.num_parameters()})
     run_dir.close()
-    D.barrier(info)  # the folder is complete before any rank returns
+    D.barrier(info)  # summary.json too (distill reads it on every rank) before any rank returns
     log(f"sft: wrote {target}")
     return model
