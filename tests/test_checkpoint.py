@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import r1lab.model as rm
+from r1lab.tokenizer import load_tokenizer, train_bpe
 from r1lab.train import checkpoint as ckpt
 from r1lab.train.checkpoint import load_latest_checkpoint, restore, save_checkpoint
+from r1lab.train.logprobs import mtp_loss_sums
 from r1lab.train.run_dir import RunDir, read_jsonl
 
 
@@ -32,7 +34,8 @@ def _train_step(model, opt, sched):
     hidden = model.forward_hidden(ids[:, :-1])
     loss = F.cross_entropy(model.logits(hidden).flatten(0, 1), ids[:, 1:].flatten())
     if model.args.is_moe:
-        loss = loss + model.mtp_loss(hidden, ids[:, :-1])
+        mtp_sum, mtp_count = mtp_loss_sums(model, hidden, ids[:, :-1])
+        loss = loss + mtp_sum / mtp_count
     loss.backward()
     opt.step()
     sched.step()
@@ -77,11 +80,14 @@ def test_resume_is_bit_exact(tmp_path, preset):
 
 def test_checkpoint_folder_is_a_loadable_hf_model(tmp_path):
     model, opt, sched = _objects("tiny-dense", 0)
-    path = save_checkpoint(tmp_path, 5, model, opt, sched)
+    tok = train_bpe(["<think> 12 + 7 = 19 </think> <answer> 19 </answer>"] * 4, vocab_size=280)
+    path = save_checkpoint(tmp_path, 5, model, opt, sched, tokenizer=tok)
     loaded = rm.load(path / "model")
     ids = torch.arange(10)[None]
     torch.testing.assert_close(loaded(ids), model(ids))
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_000005"
+    text = "<think> 7 + 12 </think>"
+    assert load_tokenizer(path / "model").encode(text) == tok.encode(text)  # the folder loads on its own
 
 
 def test_keep_last_k(tmp_path):

@@ -1,10 +1,12 @@
-"""Chunked log-probs equal the full-logits reference (values and gradients) and never keep [N, V] logits."""
+"""Chunked log-probs equal the full-logits reference (values and gradients) and never keep [N, V] logits;
+the MTP loss built on them equals its full-logits definition."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import r1lab.model as rm
-from r1lab.train.logprobs import entropy_from_logits, logprobs_from_hidden, token_logprobs
+from r1lab.train.logprobs import entropy_from_logits, logprobs_from_hidden, mtp_loss_sums, token_logprobs
 
 
 @pytest.fixture(scope="module", params=["tiny-dense", "tiny-moe"])
@@ -112,3 +114,39 @@ def test_saved_tensors_never_hold_vocab_sized_logits():
         lambda: torch.log_softmax(model.logits(hidden).float(), -1).gather(-1, targets[..., None])
     )
     assert sum(torch.Size(s).numel() for s in naive if V in s) >= B * T * V
+
+
+def _mtp_reference(model, hidden, ids, loss_mask):
+    """V3 eq. 24-25 by hand for one MTP depth: module 1 at position i sees h_i and emb(token i+1) and predicts
+    token i+2; full fp32 logits; mean CE over the counted predictions (loss_mask shifted like
+    PackedBatch.loss_mask: loss_mask[:, j] = predicting token j+1 counts)."""
+    B, T = ids.shape
+    mod = model.mtp[0]
+    emb = model.model.embed_tokens(ids)
+    x = mod.eh_proj(torch.cat([mod.enorm(emb[:, 1:]), mod.hnorm(hidden[:, :-1])], -1))
+    h = super(type(mod), mod).forward(x, model.context(torch.arange(T - 1).expand(B, T - 1)))
+    logits = model.lm_head(mod.shared_head.norm(h))[:, :-1].float()
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 2:].reshape(-1), reduction="none")
+    w = loss_mask[:, 1 : T - 1].reshape(-1).float()
+    return (ce * w).sum() / w.sum()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_mtp_loss_is_cross_entropy_of_token_two_ahead(masked):
+    model = rm.build(rm.preset("tiny-moe"), seed=8)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.args.vocab_size, (2, 12), generator=g)
+    loss_mask = torch.rand(2, 12, generator=g) < 0.6 if masked else torch.ones(2, 12, dtype=torch.bool)
+    hidden = model.forward_hidden(ids)
+    mtp_sum, count = mtp_loss_sums(model, hidden, ids, loss_mask=loss_mask if masked else None, chunk_size=5)
+    expected = _mtp_reference(model, hidden, ids, loss_mask)
+    assert count.item() == loss_mask[:, 1:11].sum().item()
+    torch.testing.assert_close(mtp_sum / count, expected)
+    # gradients too (through the chunked, checkpointed head and the MTP block), w.r.t. every parameter
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(mtp_sum / count, params, allow_unused=True, retain_graph=True)
+    want = torch.autograd.grad(expected, params, allow_unused=True)
+    for p, a, b in zip(params, got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -11,6 +11,7 @@ import r1lab.model as rm
 from r1lab.rollout import SamplingParams, generate
 from r1lab.tokenizer import train_bpe
 from r1lab.train.batching import pack_sequences
+from r1lab.train.logprobs import mtp_loss_sums
 from r1lab.train.run_dir import read_jsonl
 from r1lab.train.sft import (
     SFTConfig,
@@ -98,12 +99,12 @@ def test_packed_loss_equals_unpacked(tok, preset):
         packed_mtp = mtp[0]["mtp_sum"] / mtp[0]["mtp_tokens"]
         alone_mtp = sum(m["mtp_sum"] for m in mtp[1:]) / sum(m["mtp_tokens"] for m in mtp[1:])
         torch.testing.assert_close(packed_mtp, alone_mtp, atol=1e-5, rtol=0)
-        # and, for one unpacked sequence, equals the model's own MTP loss on the response tokens
+        # and, for one sequence alone, the document-aware path equals the plain one (no positions / doc ids)
         b = alone[0]
         hidden = model.forward_hidden(b.input_ids)
-        mask = torch.tensor([masks[0]], dtype=torch.bool)
-        torch.testing.assert_close(mtp[1]["mtp_sum"] / mtp[1]["mtp_tokens"],
-                                   model.mtp_loss(hidden, b.input_ids, mask), atol=1e-5, rtol=0)
+        plain_sum, plain_n = mtp_loss_sums(model, hidden, b.input_ids, loss_mask=b.loss_mask)
+        assert plain_n.item() == mtp[1]["mtp_tokens"].item() > 0
+        torch.testing.assert_close(mtp[1]["mtp_sum"], plain_sum, atol=1e-5, rtol=0)
 
 
 def test_memorizes_twenty_examples(tok, tmp_path):

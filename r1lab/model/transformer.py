@@ -8,7 +8,6 @@ lives at `mtp.i.*` here and `model.layers.{num_hidden_layers + i}.*` in the chec
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -140,29 +139,6 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         return self.logits(self.forward_hidden(input_ids, positions, **kwargs))
-
-    # ------------------------------------------------------------------ MTP
-    def mtp_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean over MTP depths k of the cross-entropy of predicting token i+k+1 (V3 eq. 24-25).
-
-        hidden [B, T, d] pre-norm main-model states; input_ids [B, T]; loss_mask [B, T] marks target tokens
-        that count. Returns a scalar (0 when the model has no MTP modules).
-        """
-        if not self.mtp:
-            return hidden.new_zeros(())
-        B, T = input_ids.shape
-        embeds = self.model.embed_tokens(input_ids)
-        h, losses = hidden, []
-        for k, module in enumerate(self.mtp, start=1):
-            n = T - k  # positions i that have a next token i+k to embed
-            positions = torch.arange(n, device=input_ids.device).expand(B, n)
-            h = module(h[:, :n], embeds[:, k : k + n], self.context(positions))
-            logits = self.lm_head(module.shared_head.norm(h[:, :-1])).float()
-            targets = input_ids[:, k + 1 :]
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-            mask = torch.ones_like(targets, dtype=ce.dtype) if loss_mask is None else loss_mask[:, k + 1 :].to(ce.dtype)
-            losses.append((ce * mask.reshape(-1)).sum() / mask.sum().clamp(min=1))
-        return torch.stack(losses).mean()
 
     # ------------------------------------------------------------------ MoE utilities
     def moe_layers(self) -> list[MoE]:

@@ -80,10 +80,12 @@ def save_checkpoint(
     extra_state: dict[str, Any] | None = None,
     *,
     keep_last: int = 3,
+    tokenizer=None,
 ) -> Path:
     """Write run_dir/checkpoints/step_{step:06d}/ atomically, point `latest` at it, keep the last
     keep_last checkpoints (by step). extra_state: plain Python values and tensors (e.g. the data iterator
-    position, the reference model's last sync step). Returns the checkpoint dir."""
+    position, the reference model's last sync step). tokenizer: also saved into the checkpoint's model
+    folder (inside the same atomic write), so the folder loads on its own. Returns the checkpoint dir."""
     from r1lab.model import save as save_model
 
     root = Path(run_dir) / "checkpoints"
@@ -94,6 +96,8 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
     try:
         save_model(model, tmp / "model")
+        if tokenizer is not None:
+            tokenizer.save(tmp / "model")
         state = {
             "step": int(step),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,

@@ -36,6 +36,8 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
+from r1lab.train.logprobs import mtp_loss_sums
+
 T = TypeVar("T")
 
 
@@ -115,7 +117,7 @@ def shard_model(model, info: DistInfo, *, mixed_precision: bool = True, reshard_
                 sync_from_rank0: bool = True):
     """FSDP2 (`fully_shard`) on every decoder block and MTP module, then the root (embedding, final norm,
     head: the tied embedding/head stays in one group); `forward_hidden` is registered as a forward method
-    so it gathers the root's parameters like `forward` does (call logits / mtp_loss only after it).
+    so it gathers the root's parameters like `forward` does (call logits / mtp_loss_sums only after it).
     Parameters become DTensors sharded on dim 0 over all ranks; buffers (router correction bias, rotary
     tables, expert loads) stay whole on every rank. MTP modules are not resharded after their forward (their
     loss uses `shared_head.norm` outside the module's forward); reshard_after_forward applies to the blocks.
@@ -142,17 +144,18 @@ def shard_model(model, info: DistInfo, *, mixed_precision: bool = True, reshard_
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in model.model.layers:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
-    # MTP modules stay gathered from their forward to their backward: the MTP losses (Transformer.mtp_loss,
-    # sft.packed_mtp_loss) call the module's own `shared_head.norm` *after* its forward returns, which
+    # MTP modules stay gathered from their forward to their backward: the MTP loss (logprobs.mtp_loss_sums)
+    # calls the module's own `shared_head.norm` *after* its forward returns, which
     # must see the full weight, not the shard. An MTP module is one block per depth, so this costs little.
     for block in getattr(model, "mtp", []):
         fully_shard(block, reshard_after_forward=False, **kwargs)
     fully_shard(model, reshard_after_forward=False, **kwargs)  # root: gathered again at once by backward
-    # The trainers call forward_hidden, then logits / mtp_loss on its output, never model(...): make
+    # The trainers call forward_hidden, then the head / MTP losses on its output, never model(...): make
     # forward_hidden gather the root's parameters like forward does. They stay gathered (root:
-    # reshard_after_forward=False) for logits / mtp_loss and are reduce-scattered once, at the end of the
-    # backward. logits / mtp_loss must NOT be registered too: their input (the hidden state) requires grad,
-    # so FSDP would reduce-scatter and free the head in the middle of the backward, once per logits chunk.
+    # reshard_after_forward=False) for the head and MTP losses and are reduce-scattered once, at the end of
+    # the backward. logits / mtp_loss_sums must NOT be registered too: their input (the hidden state)
+    # requires grad, so FSDP would reduce-scatter and free the head in the middle of the backward, once per
+    # logits chunk.
     register_fsdp_forward_method(model, "forward_hidden")
     return model
 
@@ -372,7 +375,7 @@ def dummy_backward(model, info: DistInfo, *, mtp: bool = False) -> None:
         hidden = model.forward_hidden(ids)
         loss = model.logits(hidden).float().sum()
         if depth:
-            loss = loss + model.mtp_loss(hidden, ids).float()
+            loss = loss + mtp_loss_sums(model, hidden, ids)[0]
         (loss * 0.0).backward()
     finally:
         model.train(was_training)
@@ -515,12 +518,17 @@ SHARDED_DIR = "sharded"
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, info: DistInfo, *,
                     extra_state: dict | None = None, keep_last: int = 3, tokenizer=None) -> Path:
     """checkpoint.save_checkpoint's layout, for a sharded model (every rank calls it):
-        step_N/model/            one consolidated Hugging Face folder (rank 0)
+        step_N/model/            one consolidated Hugging Face folder (rank 0), with the tokenizer if given
         step_N/sharded/          model + optimizer, torch.distributed.checkpoint shards (every rank)
         step_N/trainer_state.pt  scheduler, RNG, extra state, step (rank 0; optimizer=None: it is sharded)
-    then `latest` and pruning as usual. Multi-node: run_dir must be one shared filesystem."""
+    then `latest` and pruning as usual. Multi-node: run_dir must be one shared filesystem.
+    In a single process (not info.is_distributed) this is checkpoint.save_checkpoint itself."""
     from r1lab.train import checkpoint as ck
     from r1lab.train.run_dir import atomic_write_text, fsync_dir
+
+    if not info.is_distributed:
+        return ck.save_checkpoint(run_dir, step, model, optimizer, scheduler, extra_state, keep_last=keep_last,
+                                  tokenizer=tokenizer)
 
     root = Path(run_dir) / "checkpoints"
     name = f"step_{step:06d}"

@@ -21,7 +21,7 @@ from r1lab.rollout import SamplingParams, generate
 from r1lab.tasks import load_task, render_prompt
 from r1lab.train.batching import pack_sequences, unpack_to_sequences
 from r1lab.train import distributed as D
-from r1lab.train.checkpoint import load_latest_checkpoint, save_checkpoint
+from r1lab.train.checkpoint import load_latest_checkpoint
 from r1lab.train.grpo_math import Objective, dynamic_sampling_filter, group_advantages, overlong_filter_mask, policy_loss
 from r1lab.train.logprobs import token_logprobs
 from r1lab.train.optim import adamw
@@ -332,14 +332,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
-        if self.dist.is_distributed:  # consolidated HF folder (rank 0) + sharded model/optimizer (every rank)
-            return D.save_checkpoint(self.run_dir.path, self.step_index, self.model, self.opt, self.sched, self.dist,
-                                     extra_state={"cursor": self.cursor, "order": self.order}, keep_last=2,
-                                     tokenizer=self.tok)
-        path = save_checkpoint(self.run_dir.path, self.step_index, self.model, self.opt, self.sched,
-                               extra_state={"cursor": self.cursor, "order": self.order}, keep_last=2)
-        self.tok.save(path / "model")
-        return path
+        # one process: checkpoint.save_checkpoint; torchrun: consolidated HF folder + sharded state
+        return D.save_checkpoint(self.run_dir.path, self.step_index, self.model, self.opt, self.sched, self.dist,
+                                 extra_state={"cursor": self.cursor, "order": self.order}, keep_last=2,
+                                 tokenizer=self.tok)
 
     def resume(self) -> bool:
         found = load_latest_checkpoint(self.run_dir.path)

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import r1lab.model as rm
 from r1lab.corpus import CorpusConfig, generate_corpus, pretrain_texts
 from r1lab.tokenizer import Tokenizer, train_bpe
 from r1lab.train import distributed as D
+from r1lab.train.logprobs import logprobs_from_hidden, mtp_loss_sums
 from r1lab.train.optim import adamw, warmup_cosine_lr
 from r1lab.train.run_dir import RunDir
 
@@ -125,11 +125,11 @@ def pretrain(cfg: PretrainConfig, run_dir: RunDir, log=print, dist: D.DistInfo |
             inputs, targets = batch[:, :-1], batch[:, 1:]
             with autocast:
                 hidden = model.forward_hidden(inputs)
-                logits = model.logits(hidden).float()
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+                loss = -logprobs_from_hidden(model, hidden, targets).mean()
                 total = loss
                 if use_mtp:
-                    total = total + cfg.mtp_weight * model.mtp_loss(hidden, inputs)
+                    mtp_sum, mtp_count = mtp_loss_sums(model, hidden, inputs)
+                    total = total + cfg.mtp_weight * mtp_sum / mtp_count
             aux = model.aux_loss()
             if aux is not None:
                 total = total + aux

@@ -27,8 +27,8 @@ import r1lab.model as rm
 from r1lab.tokenizer import Tokenizer, load_tokenizer
 from r1lab.train import distributed as D
 from r1lab.train.batching import PackedBatch, pack_sequences
-from r1lab.train.checkpoint import load_latest_checkpoint, save_checkpoint
-from r1lab.train.logprobs import logprobs_from_hidden
+from r1lab.train.checkpoint import load_latest_checkpoint
+from r1lab.train.logprobs import logprobs_from_hidden, mtp_loss_sums
 from r1lab.train.optim import adamw, warmup_cosine_lr  # noqa: F401 (re-exported)
 from r1lab.train.run_dir import RunDir
 
@@ -246,41 +246,6 @@ def plan_steps(lengths: Sequence[int], tokens_per_step: int, epochs: int, seed: 
 
 
 # ----------------------------------------------------------------------------------------- loss
-def packed_mtp_loss(model, hidden: torch.Tensor, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum and count of MTP cross-entropies over a packed batch, averaged over depths.
-
-    Like `Transformer.mtp_loss`, but document-aware: the MTP blocks attend only within their document
-    (doc-masked context with restarting positions), and a depth-k prediction counts only when token i+k+1
-    is a response token of the same document as i. hidden [R, L, d] pre-norm main-model states.
-    Returns (sum over counted tokens of the depth-mean CE, number of counted tokens), both 0-dim.
-    """
-    ids, pos, docs, mask = batch.input_ids, batch.positions, batch.doc_ids, batch.loss_mask
-    R, L = ids.shape
-    embeds = model.model.embed_tokens(ids)
-    h = hidden
-    sums, counts = [], []
-    for k, module in enumerate(model.mtp, start=1):
-        n = L - k
-        if n < 2:
-            break
-        ctx = model.context(pos[:, :n], doc_ids=docs[:, :n])
-        h = module(h[:, :n], embeds[:, k : k + n], ctx)
-        logits = model.lm_head(module.shared_head.norm(h[:, :-1])).float()  # position i predicts token i+k+1
-        targets = ids[:, k + 1 :]
-        counted = mask[:, k : k + n - 1] & (docs[:, : n - 1] == docs[:, k + 1 :]) & (docs[:, : n - 1] >= 0)
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-        w = counted.reshape(-1).to(ce.dtype)
-        sums.append((ce * w).sum())
-        counts.append(w.sum())
-    if not sums:
-        zero = hidden.new_zeros((), dtype=torch.float32)
-        return zero, zero
-    # Each depth is normalized on its own count (as mtp_loss averages per depth), then depths averaged.
-    total = torch.stack(sums) / torch.stack(counts).clamp(min=1)
-    count = counts[0]
-    return total.mean() * count, count
-
-
 def sft_loss_sums(model, batch: PackedBatch, *, chunk_size: int = 1024, with_mtp: bool = False) -> dict[str, torch.Tensor]:
     """Summed response-token cross-entropy of one packed batch (and the MTP sum when asked).
 
@@ -291,7 +256,9 @@ def sft_loss_sums(model, batch: PackedBatch, *, chunk_size: int = 1024, with_mtp
     logp = logprobs_from_hidden(model, hidden, batch.targets, chunk_size=chunk_size, mask=batch.loss_mask)
     out = {"ce_sum": -(logp * batch.loss_mask).sum(), "tokens": batch.loss_mask.sum()}
     if with_mtp and len(model.mtp):
-        out["mtp_sum"], out["mtp_tokens"] = packed_mtp_loss(model, hidden, batch)
+        out["mtp_sum"], out["mtp_tokens"] = mtp_loss_sums(model, hidden, batch.input_ids, positions=batch.positions,
+                                                          doc_ids=batch.doc_ids, loss_mask=batch.loss_mask,
+                                                          chunk_size=chunk_size)
     return out
 
 
@@ -459,11 +426,8 @@ def train_sft(cfg: SFTConfig, run_dir: RunDir | str | Path, model=None, tokenize
                 f"{metrics['tokens_per_s']:.0f} tok/s")
         if done == total_steps or (cfg.save_every and done % cfg.save_every == 0):
             extra_state = {"fingerprint": fingerprint, "first_loss": first_loss, "last_loss": last_loss}
-            if info.is_distributed:  # consolidated HF folder (rank 0) + sharded model/optimizer (every rank)
-                D.save_checkpoint(run_dir.path, done, model, opt, None, info, extra_state=extra_state,
-                                  keep_last=cfg.keep_checkpoints, tokenizer=tok)
-            else:
-                save_checkpoint(run_dir.path, done, model, opt, keep_last=cfg.keep_checkpoints, extra_state=extra_state)
+            D.save_checkpoint(run_dir.path, done, model, opt, None, info, extra_state=extra_state,
+                              keep_last=cfg.keep_checkpoints, tokenizer=tok)
         if on_step is not None and main:
             on_step(step, metrics)
 
