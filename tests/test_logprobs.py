@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import r1lab.model as rm
+import r1lab.train.logprobs as logprobs_module
 from r1lab.train.logprobs import entropy_from_logits, logprobs_from_hidden, mtp_loss_sums, token_logprobs
 
 
@@ -150,3 +151,27 @@ def test_mtp_loss_is_cross_entropy_of_token_two_ahead(masked):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_mtp_and_main_loss_fused_head_match_plain_on_cuda(monkeypatch):
+    """Pretraining's CE and the MTP loss take the fused head on CUDA: same values and gradients as the plain
+    chunked head (fp32 weights, random mask)."""
+    model = rm.build(rm.preset("tiny-moe"), seed=0).cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(0, model.args.vocab_size, (4, 64), device="cuda", generator=g)
+    mask = torch.rand(4, 64, device="cuda", generator=g) < 0.7
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(logprobs_module, "FUSED_HEAD", fused)  # the default both losses take
+        model.zero_grad()
+        hidden = model.forward_hidden(ids)
+        mtp_sum, count = mtp_loss_sums(model, hidden, ids, loss_mask=mask)
+        ce = -logprobs_from_hidden(model, hidden, ids.roll(-1, 1)).mean()
+        (mtp_sum / count + ce).backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((mtp_sum / count, ce, grads))
+    (mtp0, ce0, g0), (mtp1, ce1, g1) = results
+    torch.testing.assert_close(mtp1, mtp0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ce1, ce0, atol=1e-4, rtol=1e-4)
+    assert ((g1 - g0).norm() / g0.norm()).item() < 1e-3
