@@ -234,7 +234,7 @@ class _progress_bar:
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     import json
 
-    from r1lab.train.run_dir import atomic_write_text
+    from r1lab.fsutil import atomic_write_text
 
     lines = [json.dumps(r, ensure_ascii=False, default=str) for r in records]
     atomic_write_text(path, "".join(line + "\n" for line in lines))

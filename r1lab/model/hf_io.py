@@ -21,6 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from r1lab.fsutil import replace_dir
+
 from .config import ConfigError, ModelArgs
 from .layers import RotaryEmbedding
 from .transformer import Transformer
@@ -170,6 +172,15 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
         args = args.replace(**overrides)
     device = torch.device(device)
     dtype = dtype or _checkpoint_dtype(path, args)
+    model = empty_model(args, device, dtype)
+    load_state(path, args, model, device, dtype)
+    return model.eval()
+
+
+def empty_model(args: ModelArgs, device: torch.device | str, dtype: torch.dtype) -> Transformer:
+    """A Transformer with uninitialized weights (built on the meta device: no init cost), for a caller that
+    fills every parameter (a checkpoint load, a broadcast); buffers are valid."""
+    device = torch.device(device)
     with torch.device("meta"):
         model = Transformer(args)
     model.to_empty(device=device)
@@ -178,8 +189,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
     model.rotary = RotaryEmbedding(args).to(device)  # non-persistent buffers come back uninitialized from meta
     for m in model.moe_layers():
         m.expert_load = torch.zeros_like(m.expert_load, dtype=torch.float32)
-    load_state(path, args, model, device, dtype)
-    return model.eval()
+    return model
 
 
 # ----------------------------------------------------------------------------- writing
@@ -230,14 +240,7 @@ def save(model: Transformer, path: str | Path, max_shard_bytes: int = 5 * 2**30,
         os.chmod(tmp, 0o755)
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

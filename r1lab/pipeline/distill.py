@@ -24,7 +24,8 @@ import r1lab.model as rm
 from r1lab.pipeline.rejection import SamplingSpec, filter_records, rejection_sample, write_jsonl
 from r1lab.tokenizer import Tokenizer, load_tokenizer
 from r1lab.train import distributed as D
-from r1lab.train.run_dir import RunDir, atomic_write_text, read_jsonl
+from r1lab.fsutil import atomic_write_text
+from r1lab.train.run_dir import RunDir, read_jsonl
 from r1lab.train.sft import SFTConfig, load_model_and_tokenizer, load_records, train_sft
 
 TEACHER_RECORDS = "teacher_records.jsonl"

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from r1lab.train import distributed as D
 from r1lab.train.grpo import GRPOConfig, TaskConfig, train_grpo
-from r1lab.train.run_dir import RunDir, atomic_write_text
+from r1lab.fsutil import atomic_write_text
+from r1lab.train.run_dir import RunDir
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 STAGES = {

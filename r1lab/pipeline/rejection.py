@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from r1lab.rewards import accuracy_reward, format_reward, is_mixed_language
-from r1lab.train.run_dir import RunDir, atomic_write_text
+from r1lab.fsutil import atomic_write_text
+from r1lab.train.run_dir import RunDir
 
 REJECTION_REASONS = ("truncated", "incorrect", "format", "language", "long_paragraph", "code_block",
                      "duplicate", "over_cap")

@@ -130,7 +130,7 @@ def read_parquet_problems(path: str, *, question_field: str = "question", answer
 def write_jsonl_problems(problems: list[Problem], path: str) -> int:
     """Write math problems as {"question", "answer"} lines that `jsonl:PATH` reads back (answer_format raw),
     e.g. to train on a machine without reasoning-gym. Returns the number of lines written."""
-    from r1lab.train.run_dir import atomic_write_text
+    from r1lab.fsutil import atomic_write_text
 
     lines = []
     for i, p in enumerate(problems):

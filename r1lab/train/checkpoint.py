@@ -13,7 +13,6 @@ loaders ignore hidden dirs, and the next save deletes leftovers.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -24,18 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .run_dir import atomic_write_text, fsync_dir
+from r1lab.fsutil import atomic_write_text, fsync_tree, replace_dir
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.pt"
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(Path(dirpath))
 
 
 def rng_state() -> dict[str, Any]:
@@ -91,7 +82,7 @@ def save_checkpoint(
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
-    for stale in root.glob(".tmp-*"):  # leftovers of a crashed save
+    for stale in (*root.glob(".tmp-*"), *root.glob(".step_*.old")):  # leftovers of a crashed save
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
     try:
@@ -106,17 +97,9 @@ def save_checkpoint(
             "extra": dict(extra_state or {}),
         }
         torch.save(state, tmp / STATE_FILE)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         final = root / name
-        if final.exists():  # re-saving a step (e.g. after a resume): move the old one out of the way first
-            old = root / f".tmp-old-{name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(root)
+        replace_dir(tmp, final)  # re-saving a step (e.g. after a resume) swaps the old one out
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -36,6 +36,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
+from r1lab.model.hf_io import empty_model
 from r1lab.train.logprobs import mtp_loss_sums
 
 T = TypeVar("T")
@@ -177,22 +178,6 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 _replicas: dict[int, torch.nn.Module] = {}  # id(sharded model) → its rollout replica
 
 
-def _plain_model(args, device: torch.device, dtype: torch.dtype):
-    """An unsharded Transformer with uninitialized weights (filled by the caller), like hf_io.load builds."""
-    from r1lab.model.layers import RotaryEmbedding
-    from r1lab.model.transformer import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.to_empty(device=device)
-    model.to(dtype)
-    model.tie_weights()
-    model.rotary = RotaryEmbedding(args).to(device)  # non-persistent buffers come back empty from meta
-    for m in model.moe_layers():
-        m.expert_load = torch.zeros_like(m.expert_load, dtype=torch.float32)
-    return model
-
-
 def _rollout_dtype(model, info: DistInfo) -> torch.dtype:
     from torch.distributed.fsdp import FSDPModule
 
@@ -208,7 +193,7 @@ def _rollout_dtype(model, info: DistInfo) -> torch.dtype:
 
 def _frozen_plain_copy(model, info: DistInfo):
     """An unsharded, gradient-free model of `model`'s shape on this rank, in the rollout dtype (weights unset)."""
-    replica = _plain_model(model.args, info.device, _rollout_dtype(model, info))
+    replica = empty_model(model.args, info.device, _rollout_dtype(model, info))
     for p in replica.parameters():
         p.requires_grad_(False)
     return replica
@@ -454,7 +439,7 @@ def save_consolidated(model, info: DistInfo, path: str | Path, *, dtype: torch.d
     out = None
     if state is not None and info.is_main:
         dtype = dtype or next(iter(v for k, v in state.items() if v.is_floating_point())).dtype
-        plain = _plain_model(model.args, torch.device("cpu"), dtype)
+        plain = empty_model(model.args, torch.device("cpu"), dtype)
         missing, unexpected = plain.load_state_dict(state, strict=False)
         tied = {"lm_head.weight"} if model.args.tie_word_embeddings else set()
         if set(missing) - tied or unexpected:
@@ -523,8 +508,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
         step_N/trainer_state.pt  scheduler, RNG, extra state, step (rank 0; optimizer=None: it is sharded)
     then `latest` and pruning as usual. Multi-node: run_dir must be one shared filesystem.
     In a single process (not info.is_distributed) this is checkpoint.save_checkpoint itself."""
+    from r1lab.fsutil import atomic_write_text, fsync_tree, replace_dir
     from r1lab.train import checkpoint as ck
-    from r1lab.train.run_dir import atomic_write_text, fsync_dir
 
     if not info.is_distributed:
         return ck.save_checkpoint(run_dir, step, model, optimizer, scheduler, extra_state, keep_last=keep_last,
@@ -547,11 +532,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
         torch.save({"step": int(step), "optimizer": None, "world_size": info.world_size,
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "rng": ck.rng_state(), "extra": dict(extra_state or {})}, tmp / ck.STATE_FILE)
-        ck._fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
+        fsync_tree(tmp)
+        replace_dir(tmp, final)
         atomic_write_text(root / "latest", name + "\n")
         ck._prune(root, keep_last, keep=final)
     barrier(info)
