@@ -6,6 +6,7 @@ import copy
 import os
 import socket
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -73,9 +74,12 @@ def join_group(rank: int, port: int) -> D.DistInfo:
     return info
 
 
-def _worker(rank: int, fn, port: int, args: tuple, errors) -> None:
+def _worker(rank: int, fn, port: int, args: tuple, errors, finished) -> None:
     try:
         fn(rank, port, *args)
+        if dist.is_initialized():
+            dist.barrier()  # every rank's work is done before any rank tears its group down
+        finished.put(rank)
     except BaseException:  # noqa: BLE001 - report to the parent with the traceback
         errors.put(f"rank {rank}: {traceback.format_exc()}")
         raise
@@ -86,16 +90,24 @@ def _worker(rank: int, fn, port: int, args: tuple, errors) -> None:
 
 def spawn_ranks(fn, *args) -> None:
     """Run fn(rank, port, *args) in WORLD spawned processes (fn: a module-level function, so the children
-    can import it); fails the test with every rank's traceback if one raises."""
+    can import it); fails the test with every rank's traceback if one raises. A rank killed by a signal
+    after every rank finished its work (gloo's threads have aborted a process at exit, rarely, under load)
+    is reported as a warning: the test then checks what the ranks wrote."""
     ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
+    errors, finished = ctx.SimpleQueue(), ctx.SimpleQueue()
     try:
-        mp.start_processes(_worker, args=(fn, _free_port(), args, errors), nprocs=WORLD, join=True,
+        mp.start_processes(_worker, args=(fn, _free_port(), args, errors, finished), nprocs=WORLD, join=True,
                            start_method="spawn")
-    except Exception:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001
         msgs = []
         while not errors.empty():
             msgs.append(errors.get())
+        done = set()
+        while not finished.empty():
+            done.add(finished.get())
+        if not msgs and isinstance(exc, mp.ProcessExitedException) and done == set(range(WORLD)):
+            warnings.warn(f"a rank died after all ranks finished their work: {exc}")
+            return
         pytest.fail("\n".join(msgs) or traceback.format_exc())
 
 

@@ -51,13 +51,14 @@ def test_torchrun_zero_then_resume_in_one_process(tmp_path):
     assert _steps(run) == [0, 1, 2]
 
 
-def test_torchrun_eval_equals_one_process_when_greedy(tmp_path):
-    """`r1lab eval` on 2 processes: each rank decodes its share of the questions; greedy, so every item and
-    number must equal the single-process run's."""
+def test_torchrun_eval_equals_one_process(tmp_path):
+    """`r1lab eval` on 2 processes: each rank samples its share of the questions (k = 4, T = 0.6, top-p
+    0.95). A question's draws depend only on its global index (the seed), not on the batch or the rank, so
+    every item and number must equal the single-process run's."""
     def run(nproc, out):
         launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
                     if nproc else [sys.executable])
-        cmd = launcher + ["-m", "r1lab", "eval", "--bench", "chain_sum@9", "--k", "1", "--temperature", "0",
+        cmd = launcher + ["-m", "r1lab", "eval", "--bench", "chain_sum@9", "--k", "4", "--temperature", "0.6",
                           "--max-new-tokens", "32", "--out", str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                               env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -69,4 +70,5 @@ def test_torchrun_eval_equals_one_process_when_greedy(tmp_path):
     two, two_items = run(2, tmp_path / "two")
     assert [i["index"] for i in two_items] == list(range(9))
     assert [i["completions"] for i in two_items] == [i["completions"] for i in one_items]
+    assert any(len(set(i["completions"])) > 1 for i in one_items)  # really sampled
     assert two["chain_sum/pass@1"] == one["chain_sum/pass@1"]

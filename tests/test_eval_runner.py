@@ -138,6 +138,18 @@ def test_parse_bench():
         parse_bench("chain_sum,oops")
 
 
+def test_sampled_items_do_not_depend_on_the_batch_size(tiny):
+    """Question i is sampled with seed + i whatever batch it falls in (and, under torchrun, whatever rank)."""
+    model, tokenizer = tiny
+    problems = [Problem(f"What is {a} + 2?", str(a + 2)) for a in range(7)]
+    runs = [evaluate(model, tokenizer, problems, k=3, max_new_tokens=8, progress=False, seed=5, batch=b)[1]
+            for b in (2, 7)]
+    assert [i["completions"] for i in runs[0]] == [i["completions"] for i in runs[1]]
+    assert any(len(set(i["completions"])) > 1 for i in runs[0])  # really sampled
+    other_seed = evaluate(model, tokenizer, problems, k=3, max_new_tokens=8, progress=False, seed=6, batch=7)[1]
+    assert [i["completions"] for i in other_seed] != [i["completions"] for i in runs[0]]
+
+
 def test_real_engine_smoke(tiny):
     model, tokenizer = tiny
     problems = [Problem(f"What is {a} + 1?", str(a + 1)) for a in range(3)]

@@ -3,8 +3,11 @@ batching, stop/length semantics, chunked prefill, errors, and the streaming inte
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from triton_interpreter import run_interpreted
 
 import r1lab.model as rm
 import r1lab.rollout as rollout
@@ -115,12 +118,13 @@ def _frequencies(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
 def test_sampler_follows_temperature_top_k_and_top_p():
     logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
     rows = 40_000  # std of a frequency <= 0.0025; the bound below is > 5 std
-    gen = torch.Generator().manual_seed(0)
+    keys = torch.arange(rows)  # neighbouring keys: their noise must still be independent
     for params in [SamplingParams(temperature=1.0), SamplingParams(temperature=0.5), SamplingParams(temperature=2.0),
                    SamplingParams(top_p=0.7), SamplingParams(temperature=1.5, top_p=0.8),
                    SamplingParams(top_k=3), SamplingParams(top_k=4, top_p=0.9)]:
         rp = RowParams([params] * rows, 8, torch.device("cpu"))
-        tokens, logprobs = sample(logits.expand(rows, 8), rp, gen)
+        tokens, logprobs = sample(logits.expand(rows, 8), rp, keys)
+        keys = keys + rows
         expected = processed_scores(logits[None], RowParams([params], 8, torch.device("cpu")))[0].softmax(-1)
         freq = _frequencies(tokens, 8)
         assert (freq - expected).abs().max() < 0.013, (params, freq, expected)
@@ -137,7 +141,7 @@ def test_sampler_mixes_per_row_params():
               SamplingParams(temperature=0.7, top_p=0.5), SamplingParams(top_k=5)]
     rp = RowParams(params, 50, torch.device("cpu"))
     for seed in range(20):
-        tokens, _ = sample(logits, rp, torch.Generator().manual_seed(seed))
+        tokens, _ = sample(logits, rp, torch.randint(0, 2**62, (6,), generator=torch.Generator().manual_seed(seed)))
         greedy = logits.argmax(-1)
         assert tokens[:4].tolist() == greedy[:4].tolist()  # greedy, top-1, tiny nucleus, idle row
         assert tokens[5] in logits[5].topk(5).indices
@@ -270,6 +274,56 @@ def test_same_seed_same_tokens(dense):
     assert a == b and a != c
 
 
+def test_seeded_draws_do_not_depend_on_the_batch(dense):
+    """A seeded request samples the same tokens alone, beside other requests (seeded or not, admitted before
+    or after it, so in another slot), in a smaller cache that queues it, and inside generate() at an offset
+    (prompt i of generate is the request with seed + i)."""
+    prompt, others = _prompts([5])[0], _prompts([3, 7, 4, 6], seed=1)
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=10, n=3, seed=41, stop_token_ids=[])
+
+    def run(engine, before, after, before_tokens=12):
+        for p in before:
+            engine.add_request(p, SamplingParams(temperature=1.0, max_new_tokens=before_tokens, n=2,
+                                                 stop_token_ids=[]))
+        rid = engine.add_request(prompt, params, keep=True)
+        for i, p in enumerate(after):
+            engine.add_request(p, SamplingParams(temperature=0.7, max_new_tokens=4, n=1, seed=i))
+        while engine.has_unfinished():
+            engine.step()
+        return [c.token_ids for c in engine.completions(rid)]
+
+    alone = run(Engine(dense, num_slots=8, max_len=32), [], [])
+    assert len(set(map(tuple, alone))) == 3  # the three samples differ from each other
+    assert run(Engine(dense, num_slots=8, max_len=32), others[:2], others[2:]) == alone
+    assert run(Engine(dense, num_slots=4, max_len=32), others, []) == alone  # queued, then admitted late
+    engine = Engine(dense, num_slots=16, max_len=32)  # the others finish first: its rows move to lower slots
+    assert run(engine, others, [], before_tokens=1) == alone and engine.stats.compaction_moves > 0
+    unseeded = dataclasses.replace(params, seed=None)
+    shifted = generate(dense, others[:2] + [prompt], dataclasses.replace(params, seed=39))
+    assert [c.token_ids for c in shifted if c.prompt_index == 2] == alone
+    engine = Engine(dense, num_slots=8, max_len=32)
+    engine.seed(5)
+    first = engine.generate([prompt], unseeded)
+    engine.seed(5)
+    assert [c.token_ids for c in engine.generate([prompt], unseeded)] == [c.token_ids for c in first] != alone
+
+
+def test_uniform_noise_is_uniform_and_independent_across_keys():
+    from r1lab.rollout.sampling import uniform_noise
+
+    keys = torch.tensor([0, 1, 2, 3, 1 << 32, (1 << 32) + 1, 2**62 - 1, 12345])  # neighbours, high bits
+    u = uniform_noise(keys, 50_000)
+    assert u.min() >= 0 and u.max() < 1
+    assert (u.mean(1) - 0.5).abs().max() < 0.006  # std of a mean of 50k uniforms: 0.0013
+    counts = torch.histc(u.flatten(), bins=20, min=0, max=1)
+    expected = u.numel() / 20
+    assert ((counts - expected) ** 2 / expected).sum() < 60  # chi-square, 19 dof: p < 1e-5 above 50
+    centered = u - 0.5
+    corr = (centered @ centered.T) / (centered.norm(dim=1)[:, None] * centered.norm(dim=1)[None, :])
+    assert (corr - torch.eye(len(keys))).abs().max() < 0.025  # rows of different keys are uncorrelated
+    assert torch.equal(uniform_noise(keys[[5, 2]], 50_000), u[[5, 2]])  # a key's row, whatever the batch
+
+
 def test_bad_requests_raise_clear_errors(dense):
     engine = Engine(dense, num_slots=2, max_len=16)
     with pytest.raises(ValueError, match="prompt 1 has 12 tokens.*max_new_tokens 5.*16"):
@@ -321,7 +375,7 @@ def test_streaming_yields_the_same_tokens_as_generate(dense, lookahead):
                             stop_token_ids=list(range(0, VOCAB, 8)))
     reference = Engine(dense, num_slots=4, max_len=32, lookahead=lookahead).generate(prompts, params)
     engine = Engine(dense, num_slots=4, max_len=32, lookahead=lookahead)
-    ids = [engine.add_request(p, params, keep=True) for p in prompts]
+    ids = [engine.add_request(p, params, keep=True, seed=params.seed + i) for i, p in enumerate(prompts)]
     streamed, finished = _drain(engine)
     for request_id, prompt_index in zip(ids, range(3)):
         for c in engine.completions(request_id):
@@ -426,13 +480,49 @@ def test_fused_gpu_sampler_follows_temperature():
     rows = 40_000
     for temperature in (1.0, 0.5, 2.0):
         temps = torch.full((rows,), temperature, device="cuda")
-        tokens, logprobs = sample_fn(logits.expand(rows, 8).bfloat16(), temps, seed=int(temperature * 7))
+        keys = torch.arange(rows, device="cuda") + int(temperature * 7) * rows
+        tokens, logprobs = sample_fn(logits.expand(rows, 8).bfloat16(), temps, keys)
         freq = _frequencies(tokens.cpu(), 8)
         expected = (logits.bfloat16().float().cpu() / temperature).softmax(-1)
         assert (freq - expected).abs().max() < 0.013, (temperature, freq, expected)
         torch.testing.assert_close(logprobs, logits.bfloat16().float().log_softmax(-1)[tokens])
     big = torch.randn(33, 151936, device="cuda", dtype=torch.bfloat16) * 3
     temps = torch.tensor([0.0] * 11 + [1.0] * 22, device="cuda")
-    tokens, logprobs = sample_fn(big, temps, seed=123)
+    tokens, logprobs = sample_fn(big, temps, torch.arange(33, device="cuda") + 123)
     assert tokens[:11].tolist() == big[:11].float().argmax(-1).tolist()
     torch.testing.assert_close(logprobs, big.float().log_softmax(-1).gather(1, tokens[:, None])[:, 0])
+
+
+_SAMPLER_INTERPRETED = """
+import torch
+from r1lab.rollout.fused_sampling import gumbel_max_sample, philox_uniform
+
+keys = torch.tensor([7, 8, 1 << 40, 2**62 - 1])
+u = philox_uniform(keys, 5000)
+assert u.min() >= 0 and u.max() < 1 and abs(u.mean() - 0.5) < 0.01, u.mean()
+assert torch.equal(philox_uniform(keys[[2, 0]], 5000), u[[2, 0]])  # a key's row, whatever the batch
+assert (u[0] - u[1]).abs().mean() > 0.3  # neighbouring keys: different streams
+
+# the fused draw = Gumbel-max over the same uniforms the top-k / top-p path uses (sampling.sample)
+g = torch.Generator().manual_seed(0)
+logits = torch.randn(6, 5000, generator=g) * 2
+temps = torch.tensor([0.0, 1.0, 0.7, 1.3, 1.0, 0.0])
+keys = torch.randint(0, 2**62, (6,), generator=g)
+tokens, logprobs = gumbel_max_sample(logits, temps, keys)
+noise = philox_uniform(keys, 5000).log().neg().log()
+scores = torch.where(temps[:, None] == 0, logits, logits / temps.clamp(min=1e-9)[:, None] - noise)
+assert tokens.tolist() == scores.argmax(-1).tolist(), (tokens, scores.argmax(-1))
+torch.testing.assert_close(logprobs, logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0])
+
+# frequencies follow softmax(logits / T)
+small = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+rows = 1000  # std of a frequency <= 0.016
+tokens, _ = gumbel_max_sample(small.expand(rows, 8).contiguous(), torch.full((rows,), 0.8), torch.arange(rows))
+freq = torch.bincount(tokens, minlength=8).float() / rows
+assert (freq - (small / 0.8).softmax(-1)).abs().max() < 0.07, freq
+print("sampler ok")
+"""
+
+
+def test_fused_sampler_kernels_under_the_interpreter():
+    assert "sampler ok" in run_interpreted(_SAMPLER_INTERPRETED)

@@ -243,9 +243,9 @@ def rejection_sample(
         its contiguous share of the problems on its own unsharded model (a sharded one goes through
         gathered_for_rollout), the candidates are gathered in problem order, and the checks (dedup and the
         per-prompt cap included) run on the gathered candidates, so every rank returns the same result, the
-        one a single process would select from those samples. Batches are cut from each share (prompt
-        indices stay global: the same seeds per batch start), so the samples themselves are not the ones of
-        one process. The caller writes the files from rank 0.
+        one a single process would select from those samples. Prompt i is sampled with seed + i at its
+        global index (the engine's draws depend on nothing else), so the samples are one process's too.
+        The caller writes the files from rank 0.
     """
     from r1lab.rollout import SamplingParams, generate
     from r1lab.tasks import render_prompt

@@ -17,10 +17,13 @@ Host syncs: one small device→host copy of the sampled tokens and log-probs per
 (default on CUDA) step t+1 is launched before step t's tokens are read, so the GPU never waits on Python;
 a sequence that finished at step t then computes one wasted row in step t+1, which is discarded.
 
-Reproducibility: one generator per engine, re-seeded from SamplingParams.seed when a seeded request
-arrives while the engine is idle. Same seed + same engine configuration + same requests (so the same batch
-composition at every step) + same device and software → same tokens. Different batch compositions draw
-different noise, and CPU and GPU draw differently.
+Reproducibility: every sequence carries a noise key, derived from its request's seed and its sample index
+(`noise_key`); the noise of a draw is a function of that key and the position being sampled only
+(sampling.uniform_noise). So a seeded request gives the same tokens whatever else runs beside it, in
+whichever slot, at any batch size (and generate() gives prompt i the seed params.seed + i, so evaluation
+cut into batches or across ranks at global indices draws the same samples). Unseeded requests take a seed
+from the engine's generator (`Engine.seed`). Same device and software are still needed: CPU and GPU draw
+differently, and a batched forward's rounding can differ from another batch size's.
 """
 
 from __future__ import annotations
@@ -85,6 +88,8 @@ class _Sequence:
     slot: int = -1
     fed: int = 0
     """Cache positions written (or being written by a launched step); the next position fed."""
+    noise_key: int = 0
+    """The sampling noise's key (see noise_key()); the draw at position p uses noise_key ^ (p << 44)."""
     finish_reason: str | None = None
 
 
@@ -144,8 +149,8 @@ class Engine:
             self.cache = KVCache(self.args, num_slots, max_len, dtype, self.device)
             self.tokens = torch.zeros(num_slots, dtype=torch.long, device=self.device)  # next input per slot
             self.positions = torch.zeros(num_slots, dtype=torch.long, device=self.device)
-        self.generator = torch.Generator(self.device).manual_seed(0)  # torch sampler
-        self.seed_generator = torch.Generator().manual_seed(0)  # per-step seeds of the fused GPU sampler
+            self.noise_keys = torch.zeros(num_slots, dtype=torch.long, device=self.device)  # per slot
+        self.seed_generator = torch.Generator().manual_seed(0)  # seeds of unseeded requests
         if fast_decode is None:
             fast_decode = cuda and _triton is not None
         use_fast = fast_decode and fast_decode_supported(model)
@@ -188,19 +193,23 @@ class Engine:
         return num_slots, max_len
 
     # ------------------------------------------------------------------ public interface
-    def add_request(self, prompt: list[int], params: SamplingParams, keep: bool = False) -> int:
+    def add_request(self, prompt: list[int], params: SamplingParams, keep: bool = False,
+                    seed: int | None = None) -> int:
         """Queue params.n samples of `prompt`; returns the request id used in StreamEvents.
 
         keep=False: the engine forgets the request once all its samples finished (a streaming consumer has
-        everything from the events); keep=True: it stays until `completions(request_id)` collects it."""
+        everything from the events); keep=True: it stays until `completions(request_id)` collects it.
+        seed: the request's sampling seed (None = params.seed; if that is None too, one from Engine.seed's
+        generator)."""
         prompt = [int(t) for t in prompt]
         self._check_prompt(prompt, params, "prompt")
-        if params.seed is not None and not self.has_unfinished():
-            self.seed(params.seed)
+        seed = params.seed if seed is None else seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.seed_generator))
         stop = self.args.stop_token_ids if params.stop_token_ids is None else params.stop_token_ids
         request = _Request(self._next_request_id, prompt, params, frozenset(stop), keep)
         self._next_request_id += 1
-        request.sequences = [_Sequence(request, i) for i in range(params.n)]
+        request.sequences = [_Sequence(request, i, noise_key=noise_key(seed, i)) for i in range(params.n)]
         self.requests[request.request_id] = request
         if params.max_new_tokens == 0:
             for seq in request.sequences:
@@ -237,12 +246,12 @@ class Engine:
                 for s in request.sequences]
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """len(prompts) * n completions, prompt-major; prompt_index is the position in `prompts`."""
+        """len(prompts) * n completions, prompt-major; prompt_index is the position in `prompts`. With
+        params.seed, prompt i is sampled as a request with seed params.seed + i."""
         for i, prompt in enumerate(prompts):
             self._check_prompt(list(prompt), params, f"prompt {i}")
-        if params.seed is not None and not self.has_unfinished():
-            self.seed(params.seed)
-        ids = [self.add_request(p, params, keep=True) for p in prompts]
+        ids = [self.add_request(p, params, keep=True, seed=None if params.seed is None else params.seed + i)
+               for i, p in enumerate(prompts)]
         while self.unfinished:
             self._step(emit=False)
         while self.inflight:  # a wasted lookahead step may still be in flight
@@ -255,7 +264,7 @@ class Engine:
         return out
 
     def seed(self, seed: int) -> None:
-        self.generator.manual_seed(seed)
+        """Seed the generator that gives unseeded requests their seeds (one draw per request, in order)."""
         self.seed_generator.manual_seed(seed)
 
     def reset_graphs(self) -> None:
@@ -332,6 +341,7 @@ class Engine:
         index = device_tensor(slots, torch.long, self.device)
         self.tokens[index] = device_tensor(last, torch.long, self.device)
         self.positions[index] = device_tensor(pos, torch.long, self.device)
+        self.noise_keys[index] = device_tensor([s.noise_key for s in admitted], torch.long, self.device)
         for seq, p in zip(admitted, pos):
             seq.fed = p
             key = id(seq.request.params)
@@ -404,6 +414,7 @@ class Engine:
         dst = device_tensor([m[1] for m in moves], torch.long, self.device)
         self.tokens[dst] = self.tokens[src]
         self.positions[dst] = self.positions[src]
+        self.noise_keys[dst] = self.noise_keys[src]
         for old, new, seq in moves:
             self.slots[old], self.slots[new], seq.slot = None, seq, new
             heapq.heappush(self.free_slots, old)
@@ -424,11 +435,12 @@ class Engine:
         if logits is None:
             logits = self._decode_logits(batch, kv_len)
         rp = self._row_params_for(rows, batch)
+        # the noise key of a draw: the sequence's key and the position it samples after (positions < 2**18)
+        keys = self.noise_keys[:batch] ^ (self.positions[:batch] << 44)
         if rp.plain and fused_sampling.available(logits):
-            seed = int(torch.randint(0, 2**62, (1,), generator=self.seed_generator))
-            tokens, logprobs = fused_sampling.gumbel_max_sample(logits, rp.temperature_or_zero, seed)
+            tokens, logprobs = fused_sampling.gumbel_max_sample(logits, rp.temperature_or_zero, keys)
         else:
-            tokens, logprobs = sample(logits, rp, self.generator)
+            tokens, logprobs = sample(logits, rp, keys)
         self.tokens[:batch] = tokens
         self.positions[:batch] = (self.positions[:batch] + 1).clamp_(max=self.max_len - 1)
         event = None
@@ -514,3 +526,17 @@ class Engine:
             self._running_params[key] -= 1
             if not self._running_params[key]:
                 del self._running_params[key]
+
+
+def noise_key(seed: int, sample_index: int) -> int:
+    """A sequence's noise key in [0, 2**62): splitmix64 of the request seed, then of the sample index, so
+    neighbouring seeds (generate's seed + i) and siblings get unrelated noise streams."""
+    mask = (1 << 64) - 1
+
+    def splitmix64(x: int) -> int:
+        x = (x + 0x9E3779B97F4A7C15) & mask
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        return x ^ (x >> 31)
+
+    return splitmix64(splitmix64(seed & mask) ^ sample_index) >> 2

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fused_sampling
+
 
 @dataclass
 class SamplingParams:
@@ -33,7 +35,9 @@ class SamplingParams:
     n: int = 1
     """Samples per prompt; they share the prompt's prefill."""
     seed: int | None = None
-    """Seeds the engine's generator when the engine is idle (see Engine for what is reproducible)."""
+    """The draws of sample s of a request are a function of (seed, s, token position) only, whatever else
+    the engine runs (generate() gives prompt i the seed seed + i). None: a seed from the engine's own
+    generator (see Engine.seed)."""
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -111,16 +115,49 @@ def processed_scores(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
     return scores
 
 
-def sample(logits: torch.Tensor, rows: RowParams, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] (any float dtype) → (tokens [B] long, logprobs [B] fp32 under log_softmax(logits))."""
+_MASK32 = 0xFFFFFFFF
+
+
+def _mulmod32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32), without int64 overflow (16-bit halves)."""
+    return ((x & 0xFFFF) * c + (((x >> 16) * (c & 0xFFFF)) << 16)) & _MASK32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (Wellons' lowbias32) on int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mulmod32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mulmod32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """keys [B] int64 in [0, 2**62) → uniforms [B, vocab] fp32 in [0, 1) (24-bit resolution, like torch.rand),
+    a pure function of (keys[b], column): the same key gives the same row on any batch. CUDA with Triton:
+    Philox in one kernel (fused_sampling.philox_uniform); elsewhere a hash in torch ops."""
+    if fused_sampling.available(keys):
+        return fused_sampling.philox_uniform(keys, vocab)
+    lo, hi = keys & _MASK32, (keys >> 32) & _MASK32
+    first = _hash32(lo ^ _hash32(hi ^ 0x9E3779B9))  # [B]: two 32-bit row keys
+    second = _hash32(first ^ 0x85EBCA6B)
+    cols = torch.arange(vocab, device=keys.device)
+    # two rounds keyed by the row (not row + column offsets of one stream, whose windows would overlap)
+    bits = _hash32(_hash32(cols[None, :] ^ first[:, None]) ^ second[:, None])
+    return (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def sample(logits: torch.Tensor, rows: RowParams, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] (any float dtype), keys [B] int64 (see uniform_noise) → (tokens [B] long, logprobs [B]
+    fp32 under log_softmax(logits))."""
     logits = logits.float()
     if rows.all_greedy:
         tokens = logits.argmax(dim=-1)
     else:
         scores = processed_scores(logits, rows)
-        # log E with E = -log U ~ Exp(1) (uniform draws are ~7x cheaper than exponential_ on CPU). U = 0 gives
-        # log E = +inf, so that entry scores -inf and can't win; no NaN is possible.
-        log_e = torch.rand(scores.shape, generator=generator, device=scores.device).log_().neg_().log_()
+        # log E with E = -log U ~ Exp(1). U = 0 gives log E = +inf, so that entry scores -inf and can't win;
+        # no NaN is possible.
+        log_e = uniform_noise(keys, scores.shape[-1]).log_().neg_().log_()
         tokens = (scores - log_e).argmax(dim=-1)
         if rows.any_greedy:
             tokens = torch.where(rows.greedy_rows, logits.argmax(dim=-1), tokens)

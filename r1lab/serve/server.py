@@ -231,7 +231,8 @@ class _Server:
                 params = SamplingParams(
                     temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                     max_new_tokens=budget, stop_token_ids=list(self.stop_ids), n=1 if split else sampling.n,
-                    seed=None if sampling.seed is None else sampling.seed + (s if split else 0))
+                    # prompt p as generate() seeds it; split samples get seeds of their own
+                    seed=None if sampling.seed is None else sampling.seed + p + s * len(prompts))
                 number = len(jobs)
 
                 def deliver(payload: Any, number: int = number) -> None:
