@@ -165,8 +165,11 @@ class Trainer:
     def _rollout(self, problem_ids: list[int], seed: int) -> dict:
         cfg = self.cfg
         prompts = [self._prompt(i) for i in problem_ids]
+        # generate() seeds prompt i with seed + i: give every (call, rank) its own block of 2**20 seeds, so
+        # no prompt of one step shares its noise with a prompt of the next
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                                n=cfg.group_size, stop_token_ids=self.stop_ids, seed=seed + 104_729 * self.dist.rank)
+                                n=cfg.group_size, stop_token_ids=self.stop_ids,
+                                seed=(seed * 4096 + self.dist.rank) << 20)
         self.model.eval()
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -187,7 +190,7 @@ class Trainer:
         mine = D.rank_share(self._next_problems(cfg.prompts_per_step), self.dist)
         target = len(mine)
         with D.gathered_for_rollout(self.model, self.dist) as self._policy:
-            batch = self._rollout(mine, seed=cfg.seed * 1_000_003 + self.step_index)
+            batch = self._rollout(mine, seed=(cfg.seed * 1_000_003 + self.step_index) * 64)
             stats = {"zero_variance_groups": self._zero_variance_share(batch) if batch["comps"] else 0.0}
             if cfg.objective.dynamic_sampling:
                 batch = self._keep_informative(batch)
@@ -198,7 +201,8 @@ class Trainer:
                         break
                     draw = D.rank_share(self._next_problems(most * self.dist.world_size), self.dist)[:max(missing, 0)]
                     if draw:
-                        more = self._keep_informative(self._rollout(draw, seed=self.step_index * 7919 + r + 1))
+                        seed = (cfg.seed * 1_000_003 + self.step_index) * 64 + 1 + r % 63  # the step's refill blocks
+                        more = self._keep_informative(self._rollout(draw, seed=seed))
                         batch = _concat_rollouts(batch, more, G)
         self._policy = self.model
         return batch, stats
