@@ -388,13 +388,23 @@ def test_64_concurrent_streams_are_batched(real):
             usage = chunk.usage or usage
         return finish, usage.completion_tokens
 
+    seeded = dict(model="tiny", messages=[{"role": "user", "content": "What is 7 + 8?"}], max_tokens=16,
+                  temperature=1.0, seed=77, n=2)
+
+    def texts(response):
+        return [(c.message.reasoning_content, c.message.content) for c in response.choices]
+
+    alone = texts(real.client.chat.completions.create(**seeded))  # nothing else running
+
     async def main():
         async with openai.AsyncOpenAI(base_url=real.base_url, api_key="x", max_retries=0, timeout=60) as client:
-            return await asyncio.gather(*(one(client, i) for i in range(64)))
+            return await asyncio.gather(*(one(client, i) for i in range(64)), client.chat.completions.create(**seeded))
 
     engine = real.app.state.server.worker.engine
     steps_before, rows_before = engine.stats.decode_steps, engine.stats.decode_rows
-    results = asyncio.run(main())
+    *results, busy = asyncio.run(main())
+    # a seeded request samples the same completions amid 64 others as alone (its noise is keyed per sequence)
+    assert texts(busy) == alone and alone[0] != alone[1]
     assert len(results) == 64 and all(f in ("stop", "length") and 1 <= n <= 8 for f, n in results)
     steps = engine.stats.decode_steps - steps_before
     assert steps < 64 * 8 / 4, "requests were not decoded together"
