@@ -72,7 +72,8 @@ class GRPOConfig:
     max_new_tokens: int = 128
     """Completion length limit."""
     temperature: float = 1.0
-    """Rollout temperature (R1: 1.0)."""
+    """Rollout temperature (R1: 1.0). The loss's log-probs (current, old, reference) are those of the
+    distribution sampled from, softmax(logits / temperature), as verl and TRL compute them."""
     top_p: float = 1.0
     """Rollout nucleus."""
     stop_at_eos: bool = True
@@ -120,6 +121,7 @@ class Trainer:
             D.shard_model(model, self.dist)
         self.device = self.dist.device if self.dist.is_distributed else torch.device(cfg.device)
         self._policy = model  # what generate() runs on (the gathered replica under FSDP)
+        self.loss_temperature = cfg.temperature if cfg.temperature > 0 else 1.0  # greedy rollouts: raw logits
         self.task = cfg.task.load("train")
         self.prompt_ids = {}  # problem index → token ids (rendered once)
         self.order = list(range(len(self.task.problems)))
@@ -174,6 +176,13 @@ class Trainer:
         t0 = time.perf_counter()
         with torch.no_grad():
             comps = generate(self._policy, prompts, params)
+            if self.loss_temperature != 1.0:
+                # the engine reports raw-logit (T = 1) log-probs; π_old is softmax(logits / T), so score the
+                # samples once more with the policy that drew them (a plain replica under FSDP: no collectives)
+                seqs = [prompts[c.prompt_index] + c.token_ids for c in comps]
+                masks = [[0] * len(prompts[c.prompt_index]) + [1] * len(c.token_ids) for c in comps]
+                for c, logp in zip(comps, self._logprobs(self._policy, seqs, masks)):
+                    c.logprobs = logp.tolist()
         t1 = time.perf_counter()
         texts = [self.tok.decode(c.token_ids, skip_special_tokens=True) for c in comps]
         problems = [self.task.problems[problem_ids[c.prompt_index]] for c in comps]
@@ -237,7 +246,7 @@ class Trainer:
         seqs = [batch["prompts"][c.prompt_index] + c.token_ids for c in comps]
         masks = [[0] * len(batch["prompts"][c.prompt_index]) + [1] * len(c.token_ids) for c in comps]
         old_logp = [torch.tensor(c.logprobs, dtype=torch.float32) for c in comps]
-        ref_logp = self._reference_logprobs(seqs, masks) if self.ref is not None else None
+        ref_logp = self._logprobs(self.ref, seqs, masks) if self.ref is not None else None
 
         self.model.train()
         t_train = time.perf_counter()
@@ -277,7 +286,7 @@ class Trainer:
         for pack in packs:
             pack = pack.to(self.device)
             logp, entropy = token_logprobs(self.model, pack.input_ids, pack.targets, pack.positions, pack.doc_ids,
-                                           with_entropy=True, mask=pack.loss_mask)
+                                           with_entropy=True, mask=pack.loss_mask, temperature=self.loss_temperature)
             rows = [mb[j] for j in pack.seq_index]
             cur = pad_sequence(unpack_to_sequences(logp, pack, loss_tokens_only=True), batch_first=True)
             ent = pad_sequence(unpack_to_sequences(entropy, pack, loss_tokens_only=True), batch_first=True)
@@ -303,14 +312,17 @@ class Trainer:
         self.sched.step()
         self.model.update_router_bias(cfg.router_bias_gamma)
 
-    def _reference_logprobs(self, seqs, masks) -> list[torch.Tensor]:
+    def _logprobs(self, model, seqs, masks) -> list[torch.Tensor]:
+        """Completion-token log-probs [len] (fp32, CPU) of each sequence under an unsharded `model` (the
+        reference, or the rollout policy) at the loss temperature."""
         out: list[torch.Tensor | None] = [None] * len(seqs)
         if not seqs:  # a rank left without groups this step (the replica needs no collective)
             return []
         with torch.no_grad():
             for pack in _pack(self.cfg, seqs, masks):
                 pack = pack.to(self.device)
-                logp = token_logprobs(self.ref, pack.input_ids, pack.targets, pack.positions, pack.doc_ids, mask=pack.loss_mask)
+                logp = token_logprobs(model, pack.input_ids, pack.targets, pack.positions, pack.doc_ids,
+                                      mask=pack.loss_mask, temperature=self.loss_temperature)
                 for i, v in zip(pack.seq_index, unpack_to_sequences(logp, pack, loss_tokens_only=True)):
                     out[i] = v.float().cpu()
         return out
