@@ -62,8 +62,10 @@ class PipelineConfig:
     """Epochs of each SFT stage (R1 stage 3: 2)."""
     sft_lr: float = 2e-4
     """Peak learning rate of the SFT stages."""
-    reasoning_rl: GRPOConfig = field(default_factory=lambda: _rl(rewards={"accuracy": 1.0, "format": 1.0, "language": 1.0}))
-    """Reasoning-oriented RL: rule rewards + the language-consistency reward (R1 §2.3.2)."""
+    reasoning_rl: GRPOConfig = field(default_factory=lambda: _rl(
+        lr=1e-4, rewards={"accuracy": 1.0, "format": 1.0, "language": 1.0}))
+    """Reasoning-oriented RL: rule rewards + the language-consistency reward (R1 §2.3.2). lr 1e-4, as for
+    final_rl: RL from an SFT'd model (CPU: cold_start 0.605 → 0.598 at 5e-4, → 0.757 at 1e-4)."""
     rejection_k: int = 4
     """Samples per training prompt in rejection sampling."""
     rejection_prompts: int = 400
