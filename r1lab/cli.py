@@ -51,8 +51,10 @@ def _processes(device: str):
     info = D.init_distributed(device)
     try:
         yield info
-    finally:
-        D.shutdown(info)
+    except BaseException:
+        D.shutdown(info, clean=False)
+        raise
+    D.shutdown(info)
 
 
 @app.command("export-task")

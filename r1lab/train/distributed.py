@@ -103,8 +103,13 @@ def _drop(_: str) -> None:
     pass
 
 
-def shutdown(info: DistInfo) -> None:
+def shutdown(info: DistInfo, *, clean: bool = True) -> None:
+    """Tear the process group down. clean=True (every rank got here without an error): wait for all ranks
+    first, since a gloo rank that destroys its group while a peer is still working can abort the process
+    ("terminate called without an active exception"); after an error, don't wait for ranks that may never come."""
     if info.is_distributed and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 
