@@ -179,9 +179,7 @@ class Trainer:
             if self.loss_temperature != 1.0:
                 # the engine reports raw-logit (T = 1) log-probs; π_old is softmax(logits / T), so score the
                 # samples once more with the policy that drew them (a plain replica under FSDP: no collectives)
-                seqs = [prompts[c.prompt_index] + c.token_ids for c in comps]
-                masks = [[0] * len(prompts[c.prompt_index]) + [1] * len(c.token_ids) for c in comps]
-                for c, logp in zip(comps, self._logprobs(self._policy, seqs, masks)):
+                for c, logp in zip(comps, self._logprobs(self._policy, *_sequences(prompts, comps))):
                     c.logprobs = logp.tolist()
         t1 = time.perf_counter()
         texts = [self.tok.decode(c.token_ids, skip_special_tokens=True) for c in comps]
@@ -243,8 +241,7 @@ class Trainer:
         totals = torch.tensor([s["total"] for s in batch["scores"]], dtype=torch.float32)
         adv = group_advantages(totals, G, **obj.advantage_kwargs()) if n_groups else totals
         counts = overlong_filter_mask([c.finish_reason for c in comps]) if obj.mask_truncated else None
-        seqs = [batch["prompts"][c.prompt_index] + c.token_ids for c in comps]
-        masks = [[0] * len(batch["prompts"][c.prompt_index]) + [1] * len(c.token_ids) for c in comps]
+        seqs, masks = _sequences(batch["prompts"], comps)
         old_logp = [torch.tensor(c.logprobs, dtype=torch.float32) for c in comps]
         ref_logp = self._logprobs(self.ref, seqs, masks) if self.ref is not None else None
 
@@ -363,6 +360,13 @@ class Trainer:
         if self.cfg.objective.beta > 0:
             self.ref = self._snapshot()  # a resumed run re-anchors KL at the restored policy
         return True
+
+
+def _sequences(prompts: list[list[int]], comps) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt + completion token ids of each completion, and its loss mask (1 on the completion tokens)."""
+    seqs = [prompts[c.prompt_index] + c.token_ids for c in comps]
+    masks = [[0] * len(prompts[c.prompt_index]) + [1] * len(c.token_ids) for c in comps]
+    return seqs, masks
 
 
 def _pack(cfg: GRPOConfig, seqs, masks):
