@@ -52,9 +52,9 @@ def _processes(device: str):
     try:
         yield info
     except BaseException:
-        D.shutdown(info, clean=False)
+        D.shutdown(clean=False)
         raise
-    D.shutdown(info)
+    D.shutdown()
 
 
 @app.command("export-task")
@@ -334,7 +334,14 @@ def serve(
 
 
 def main() -> None:
-    app()
+    """The `r1lab` command (also `python -m r1lab` and `torchrun -m r1lab`)."""
+    from r1lab.train import distributed as D
+
+    try:
+        app()  # click's standalone mode ends with sys.exit, also on success
+    except SystemExit as done:
+        D.exit_after_teardown(done.code)  # torchrun ranks whose group was torn down cleanly end here
+        raise
 
 
 if __name__ == "__main__":

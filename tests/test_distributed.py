@@ -77,15 +77,13 @@ def join_group(rank: int, port: int) -> D.DistInfo:
 def _worker(rank: int, fn, port: int, args: tuple, errors, finished) -> None:
     try:
         fn(rank, port, *args)
-        if dist.is_initialized():
-            dist.barrier()  # every rank's work is done before any rank tears its group down
-        finished.put(rank)
     except BaseException:  # noqa: BLE001 - report to the parent with the traceback
         errors.put(f"rank {rank}: {traceback.format_exc()}")
+        D.shutdown(clean=False)
         raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    finished.put(rank)
+    D.shutdown()  # the way `torchrun -m r1lab` ranks end (cli.main)
+    D.exit_after_teardown(0)
 
 
 def spawn_ranks(fn, *args) -> None:
@@ -267,3 +265,34 @@ def test_single_process_is_a_no_op(tmp_path, monkeypatch):
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         assert torch.equal(rm.load(out)(ids), model.eval()(ids))
+
+
+_EXIT_SCRIPT = """
+import atexit, sys
+from r1lab.train import distributed as D
+D.init_distributed("cpu")  # R1LAB_FSDP=1: a 1-process gloo group
+atexit.register(lambda: print("atexit ran"))
+sys.stdout.write("buffered;")  # a pipe: block-buffered, lost unless flushed
+D.shutdown(clean=sys.argv[1] == "clean")
+D.exit_after_teardown(int(sys.argv[2]) if sys.argv[2].isdigit() else sys.argv[2])
+print("returned;")
+"""
+
+
+@pytest.mark.parametrize("clean,code,rc,out", [
+    ("clean", "0", 0, "buffered;atexit ran\n"),
+    ("clean", "3", 3, "buffered;atexit ran\n"),
+    ("clean", "bad recipe", 1, "buffered;atexit ran\n"),
+    ("error", "0", 0, "buffered;returned;\natexit ran\n"),  # no clean teardown: the normal way out
+])
+def test_exit_after_teardown(tmp_path, clean, code, rc, out):
+    """A torchrun rank ends without finalizing the interpreter after a clean teardown, yet keeps what a normal
+    exit does: its exit code (sys.exit("message") → 1 and the message), atexit handlers, buffered output."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, R1LAB_FSDP="1", MASTER_PORT=str(_free_port()), WORLD_SIZE="1", RANK="0")
+    proc = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, clean, code], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert (proc.returncode, proc.stdout) == (rc, out), proc.stderr[-2000:]
+    assert ("bad recipe" in proc.stderr) == (code == "bad recipe")

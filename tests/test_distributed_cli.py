@@ -17,7 +17,7 @@ TINY = ["grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.max_new_tokens=24"
 def _run(args: list[str], nproc: int | None) -> subprocess.CompletedProcess:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
                 if nproc else [sys.executable])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
     proc = subprocess.run(launcher + ["-m", "r1lab", "zero", *args], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -61,7 +61,7 @@ def test_torchrun_eval_equals_one_process(tmp_path):
         cmd = launcher + ["-m", "r1lab", "eval", "--bench", "chain_sum@9", "--k", "4", "--temperature", "0.6",
                           "--max-new-tokens", "32", "--out", str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1"))
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         items = [json.loads(line) for line in (out / "eval" / "chain_sum.jsonl").read_text().splitlines()]
         return json.loads((out / "summary.json").read_text()), items

@@ -24,10 +24,12 @@ Without torchrun (WORLD_SIZE unset or 1) every function is a cheap no-op around 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,14 +105,40 @@ def _drop(_: str) -> None:
     pass
 
 
-def shutdown(info: DistInfo, *, clean: bool = True) -> None:
-    """Tear the process group down. clean=True (every rank got here without an error): wait for all ranks
-    first, since a gloo rank that destroys its group while a peer is still working can abort the process
-    ("terminate called without an active exception"); after an error, don't wait for ranks that may never come."""
-    if info.is_distributed and dist.is_initialized():
+_torn_down_cleanly = False  # set by shutdown(clean=True); read by exit_after_teardown
+
+
+def shutdown(*, clean: bool = True) -> None:
+    """Tear the default process group down, if there is one. clean=True (every rank got here without an
+    error): wait for all ranks first, since a gloo rank that destroys its group while a peer is still working
+    can abort the process; after an error, don't wait for ranks that may never come."""
+    global _torn_down_cleanly
+    if dist.is_available() and dist.is_initialized():
         if clean:
             dist.barrier()
         dist.destroy_process_group()
+        _torn_down_cleanly = clean
+
+
+def exit_after_teardown(code: int | str | None) -> None:
+    """End a process whose process group `shutdown()` tore down cleanly without finalizing the interpreter:
+    atexit handlers run and stdio is flushed, then os._exit. Why: during finalization Python ends any thread
+    that asks for the GIL with pthread_exit, and a torch/gloo C++ thread unwound that way aborts the process
+    ("terminate called without an active exception", exit -6) after all its work was done and written; it
+    happened in CI a few times in a hundred torchrun runs. Does nothing (returns) when no group was torn down
+    cleanly, so single-process runs and failed runs exit the normal way."""
+    if not _torn_down_cleanly:
+        return
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)  # what sys.exit(message) would have printed
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code or 0)
 
 
 def barrier(info: DistInfo) -> None:
