@@ -50,13 +50,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
+def _aside(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move the complete folder tmp to final (same filesystem). An existing final is renamed aside first and
     deleted only after tmp is in place, so a crash at any point leaves a whole folder under one of the two
-    names (the aside copy, `.<name>.old`, is what a crash between the two renames leaves)."""
+    names; `recover_replaced_dirs` puts an aside copy left by a crash back."""
     tmp, final = Path(tmp), Path(final)
     if final.exists():
-        old = final.with_name(f".{final.name}.old")
+        old = _aside(final)
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
         os.replace(tmp, final)
@@ -64,3 +68,18 @@ def replace_dir(tmp: Path, final: Path) -> None:
     else:
         os.replace(tmp, final)
     fsync_dir(final.parent)
+
+
+def recover_replaced_dirs(parent: Path) -> None:
+    """Finish the replace_dir calls in `parent` that a crash interrupted: an aside copy whose folder is
+    missing (the crash fell between the two renames) is moved back, one whose folder exists is deleted.
+    Safe to call from several processes at once."""
+    for old in Path(parent).glob(".*.old"):
+        final = old.with_name(old.name[1:-len(".old")])
+        try:
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(old, final)
+        except FileNotFoundError:  # another process got there first
+            pass

@@ -1,6 +1,7 @@
 """replace_dir: a folder swap that leaves a whole folder under one of two names whatever step a crash hits."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -45,7 +46,9 @@ def test_crash_between_the_renames_keeps_the_old_folder_whole(tmp_path, monkeypa
     assert (tmp / "weights").read_text() == "new"
 
 
-def test_checkpoint_save_cleans_an_aside_copy_left_by_a_crash(tmp_path):
+def test_checkpoint_put_back_after_a_crash_between_the_renames(tmp_path, monkeypatch):
+    """Re-saving step 1 (after a resume) crashes between replace_dir's renames: the run's newest checkpoint
+    exists only as the aside copy. Resuming must find it, not fall back to an older step."""
     import torch
 
     import r1lab.model as rm
@@ -54,12 +57,34 @@ def test_checkpoint_save_cleans_an_aside_copy_left_by_a_crash(tmp_path):
     model = rm.build(rm.preset("tiny-dense"), seed=0)
     opt = torch.optim.AdamW(model.parameters())
     root = tmp_path / "checkpoints"
-    _folder(root / ".step_000001.old", "old")
-    save_checkpoint(tmp_path, 2, model, opt)
-    assert not (root / ".step_000001.old").exists()
-    save_checkpoint(tmp_path, 2, model, opt, extra_state={"again": True})  # re-saving a step swaps it in place
-    assert load_latest_checkpoint(tmp_path) == (2, root / "step_000002")
-    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000002"]
+    save_checkpoint(tmp_path, 0, model, opt)
+    save_checkpoint(tmp_path, 1, model, opt, extra_state={"first": True})
+    real_replace = os.replace
+
+    def crash_moving_new_in(src, dst):
+        if Path(src).name.startswith(".tmp-step_000001"):
+            raise OSError("killed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fsutil.os, "replace", crash_moving_new_in)
+    with pytest.raises(OSError, match="killed"):
+        save_checkpoint(tmp_path, 1, model, opt, extra_state={"first": False})
+    monkeypatch.undo()
+    assert not (root / "step_000001").exists() and (root / ".step_000001.old").is_dir()
+
+    assert load_latest_checkpoint(tmp_path) == (1, root / "step_000001")
+    state = torch.load(root / "step_000001" / "trainer_state.pt", weights_only=False)
+    assert state["extra"] == {"first": True}
+    save_checkpoint(tmp_path, 2, model, opt)  # and the next save clears what the crash left
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000000", "step_000001", "step_000002"]
+
+
+def test_recover_replaced_dirs_drops_an_aside_copy_whose_folder_exists(tmp_path):
+    _folder(tmp_path / "model", "new")
+    _folder(tmp_path / ".model.old", "old")
+    fsutil.recover_replaced_dirs(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert (tmp_path / "model" / "weights").read_text() == "new"
 
 
 def test_atomic_write_text_replaces_whole_file(tmp_path):

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from r1lab.fsutil import atomic_write_text, fsync_tree, replace_dir
+from r1lab.fsutil import atomic_write_text, fsync_tree, recover_replaced_dirs, replace_dir
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.pt"
@@ -82,7 +82,8 @@ def save_checkpoint(
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
-    for stale in (*root.glob(".tmp-*"), *root.glob(".step_*.old")):  # leftovers of a crashed save
+    recover_replaced_dirs(root)
+    for stale in root.glob(".tmp-*"):  # leftovers of a crashed save
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
     try:
@@ -138,6 +139,8 @@ def load_latest_checkpoint(run_dir: str | Path) -> tuple[int, Path] | None:
     to the highest-step complete `step_*` dir. Hidden temp dirs of interrupted saves are never considered.
     """
     root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        recover_replaced_dirs(root)  # a step re-saved when the run crashed may sit aside
     pointer = root / "latest"
     if pointer.is_file():
         name = pointer.read_text().strip()
