@@ -427,4 +427,5 @@ def train_grpo(cfg: GRPOConfig, run_dir: RunDir, model, tokenizer, *, resume: bo
         if cfg.save_every and trainer.step_index % cfg.save_every == 0 and trainer.step_index < cfg.steps:
             trainer.save()
     trainer.save()
+    run_dir.close()  # TensorBoard writes from a thread: close() drains its queue (a torchrun rank ends in os._exit)
     return trainer
