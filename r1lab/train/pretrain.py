@@ -156,6 +156,7 @@ def pretrain(cfg: PretrainConfig, run_dir: RunDir, log=print, dist: D.DistInfo |
                                            "expert_load_max_over_mean": balance or 0.0})
             log(f"step {step:5d}  loss {loss_value:.3f}  grad_norm {grad_norm:.2f}  lr {lr_at(step, cfg):.2e}  {time.time() - t0:.0f}s")
     model.eval()
+    run_dir.close()
     target = D.save_model_folder(model, tok, info, run_dir.path / "model")  # every rank; rank 0 writes
     return target
 
