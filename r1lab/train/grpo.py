@@ -1,6 +1,14 @@
 """GRPO trainer: prompts → rollout engine (same module, same process) → rewards → group advantages →
 μ passes over minibatches → optimizer step → next rollout.
 
+π_old is the policy that sampled, as the rollout engine scored it: the engine's own log-probs of its samples
+(at T != 1 one no-grad forward rescores them at T, the engine reporting T = 1 log-probs). The first update's
+ratio π_θ / π_old therefore already carries any engine-vs-trainer numeric mismatch (kernels, dtypes), clipped
+like any ratio, so no separate importance correction is needed (TRL recomputes π_old with the trainer and
+adds truncated IS against the engine; grpo_math.truncated_is_weights is that weight, for such a design).
+The mismatch is logged as `logprob_mismatch` (mean |log π_θ - log π_old| on the first pass; ~0.002 in bf16
+on an H200).
+
 A GRPO loss near zero is normal: with ratio ≈ 1 and group-normalized advantages that average to zero, the
 surrogate's value is ~0 while its gradient is not. Watch reward, accuracy and response length instead.
 """
