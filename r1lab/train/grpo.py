@@ -6,8 +6,8 @@
 ratio π_θ / π_old therefore already carries any engine-vs-trainer numeric mismatch (kernels, dtypes), clipped
 like any ratio, so no separate importance correction is needed (TRL recomputes π_old with the trainer and
 adds truncated IS against the engine; grpo_math.truncated_is_weights is that weight, for such a design).
-The mismatch is logged as `logprob_mismatch` (mean |log π_θ - log π_old| on the first pass; ~0.002 in bf16
-on an H200).
+The mismatch is logged as `logprob_mismatch` (mean |log π_θ - log π_old| over the step's updates; ~0.002
+in bf16 on an H200 with one update per rollout).
 
 A GRPO loss near zero is normal: with ratio ≈ 1 and group-normalized advantages that average to zero, the
 surrogate's value is ~0 while its gradient is not. Watch reward, accuracy and response length instead.
