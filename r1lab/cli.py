@@ -272,7 +272,7 @@ def eval_(
         help="Benchmark TASK[@SIZE][,key=value...], repeatable: a reasoning-gym name (held-out split, e.g. "
              "chain_sum@200), jsonl:PATH[,question_field=..,answer_field=..], humaneval, champ."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/eval-<time>)."),
-    k: int = typer.Option(4, help="Samples per question (pass@1 is their mean; R1 uses 4-64)."),
+    k: int = typer.Option(4, min=1, help="Samples per question (pass@1 is their mean; R1 uses 4-64)."),
     temperature: float = typer.Option(0.6, help="R1 protocol: 0.6."),
     top_p: float = typer.Option(0.95, help="R1 protocol: 0.95."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Default: what the context leaves, at most 32768."),
@@ -334,7 +334,13 @@ def serve(
 
 
 def main() -> None:
-    """The `r1lab` command (also `python -m r1lab` and `torchrun -m r1lab`)."""
+    """The `r1lab` command (also `python -m r1lab` and `torchrun -m r1lab`). Bad input (r1lab.errors.InputError,
+    or a file that is not there) prints its message, without a traceback unless R1LAB_TRACEBACK=1, and exits
+    with status 2, as click does for a bad option."""
+    import os
+    import sys
+
+    from r1lab.errors import InputError
     from r1lab.train import distributed as D
 
     try:
@@ -342,6 +348,12 @@ def main() -> None:
     except SystemExit as done:
         D.exit_after_teardown(done.code)  # torchrun ranks whose group was torn down cleanly end here
         raise
+    except (InputError, FileNotFoundError) as error:
+        if os.environ.get("R1LAB_TRACEBACK") == "1":
+            raise
+        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"{rank}error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

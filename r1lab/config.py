@@ -25,8 +25,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from r1lab.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A bad recipe or override; the message names the key path and its source."""
 
 

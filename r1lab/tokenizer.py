@@ -30,6 +30,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from r1lab.errors import InputError
+
 EOS_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -354,7 +356,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+        raise InputError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
+        raise InputError(f"{path} must hold a JSON object")
     return data

@@ -11,10 +11,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import InputError
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "deepseek_v3")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config.json (or preset) that r1lab cannot build a model from; the message names the field."""
 
 

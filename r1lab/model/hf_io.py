@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from r1lab.fsutil import replace_dir
 
+from ..errors import InputError
 from .config import ConfigError, ModelArgs
 from .layers import RotaryEmbedding
 from .transformer import Transformer
@@ -31,7 +32,7 @@ _EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_pro
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint folder whose files do not match its config; the message names the file and tensor."""
 
 

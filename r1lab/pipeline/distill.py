@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 import r1lab.model as rm
+from r1lab.config import ConfigError
 from r1lab.pipeline.rejection import SamplingSpec, filter_records, rejection_sample, write_jsonl
 from r1lab.tokenizer import Tokenizer, load_tokenizer
 from r1lab.train import distributed as D
@@ -104,7 +105,7 @@ def _teacher_traces(cfg: DistillConfig, teacher, teacher_tokenizer, problems, lo
 
     if teacher is None:
         if not cfg.teacher:
-            raise ValueError("distill needs teacher records (records=...) or a teacher model (teacher=...)")
+            raise ConfigError("distill needs teacher records (records=...) or a teacher model (teacher=...)")
         teacher = rm.load(cfg.teacher, dtype=getattr(torch, cfg.dtype), device=device)
     teacher_tokenizer = teacher_tokenizer or load_tokenizer(cfg.teacher_tokenizer or cfg.teacher)
     scorer = None

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from r1lab.train import distributed as D
 from r1lab.train.grpo import GRPOConfig, TaskConfig, train_grpo
+from r1lab.config import ConfigError
 from r1lab.fsutil import atomic_write_text
 from r1lab.train.run_dir import RunDir
 
@@ -240,7 +241,7 @@ class Pipeline:
 
     def run(self, kind: str) -> dict:
         if kind not in STAGES:
-            raise ValueError(f"unknown pipeline {kind!r}; expected one of {sorted(STAGES)}")
+            raise ConfigError(f"unknown pipeline {kind!r}; expected one of {sorted(STAGES)}")
         main = self.info.is_main
         summary_path = self.out / "summary.json"
         stages: dict[str, dict] = {}

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from r1lab.config import ConfigError
 from r1lab.rewards import accuracy_reward, format_reward, is_mixed_language
 from r1lab.fsutil import atomic_write_text
 from r1lab.train.run_dir import RunDir
@@ -374,7 +375,7 @@ def run_rejection(cfg: RejectionConfig, run_dir: RunDir | str | Path, log: Calla
     if main:
         run_dir.write_config(cfg)
     if not cfg.model:
-        raise ValueError("set model= to the HF folder to sample from")
+        raise ConfigError("set model= to the HF folder to sample from")
     model = rm.load(cfg.model, dtype=getattr(torch, cfg.dtype), device=str(info.device))
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
     task = load_task(cfg.task, split=cfg.split, size=cfg.size, seed=cfg.seed, **cfg.task_options)

@@ -9,6 +9,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol, Sequence
 
+from ..errors import InputError
 from ..rewards.accuracy import accuracy_reward
 from ..rewards.coding import code_reward, program_from_completion
 from ..rewards.extract import extract_answer
@@ -26,7 +27,7 @@ __all__ = [
 ]
 
 
-class TaskDataError(ValueError):
+class TaskDataError(InputError):
     """Malformed task data; the message names the file, the line (or row) and the field."""
 
 

@@ -7,7 +7,7 @@ import hashlib
 from typing import Any
 
 from ..rewards.extract import extract_answer
-from .base import Problem, Task, holdout_bucket
+from .base import Problem, Task, TaskDataError, holdout_bucket
 from .templates import MATH_INSTRUCTION
 
 __all__ = ["ReasoningGymScorer", "load_reasoning_gym", "reasoning_gym_names"]
@@ -67,7 +67,7 @@ def load_reasoning_gym(name: str, split: str, size: int, seed: int, *,
     if name not in names:
         close = difflib.get_close_matches(name, names, n=3)
         hint = f"; did you mean {close}?" if close else ""
-        raise ValueError(f"unknown task {name!r}: not a reasoning-gym dataset, 'jsonl:PATH', "
+        raise TaskDataError(f"unknown task {name!r}: not a reasoning-gym dataset, 'jsonl:PATH', "
                          f"'parquet:PATH', 'humaneval' or 'champ'{hint}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 import r1lab.model as rm
+from r1lab.config import ConfigError
+from r1lab.errors import DataFileError
 from r1lab.tokenizer import Tokenizer, load_tokenizer
 from r1lab.train import distributed as D
 from r1lab.train.batching import PackedBatch, pack_sequences
@@ -93,20 +95,20 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         if self.template not in ("raw", "chat"):
-            raise ValueError(f"template must be 'raw' or 'chat', got {self.template!r}")
+            raise ConfigError(f"template must be 'raw' or 'chat', got {self.template!r}")
         if self.overlong not in ("drop", "truncate"):
-            raise ValueError(f"overlong must be 'drop' or 'truncate', got {self.overlong!r}")
+            raise ConfigError(f"overlong must be 'drop' or 'truncate', got {self.overlong!r}")
         if self.micro_batch_tokens < self.max_len:
-            raise ValueError(f"micro_batch_tokens={self.micro_batch_tokens} must be >= max_len={self.max_len}")
+            raise ConfigError(f"micro_batch_tokens={self.micro_batch_tokens} must be >= max_len={self.max_len}")
         if self.epochs < 1 or self.tokens_per_step < 1 or self.max_len < 2:
-            raise ValueError("epochs, tokens_per_step must be >= 1 and max_len >= 2")
+            raise ConfigError("epochs, tokens_per_step must be >= 1 and max_len >= 2")
 
 
 # ----------------------------------------------------------------------------------------- data
 def load_records(data: Any, *, required: Sequence[str] = ()) -> list[dict]:
     """Records from a JSONL path or a list of dicts; errors name the file, the line and the field."""
     if data is None:
-        raise ValueError("no training data: set data= to a JSONL file or a list of records")
+        raise ConfigError("no training data: set data= to a JSONL file or a list of records")
     if isinstance(data, (str, Path)):
         path = Path(data)
         if not path.is_file():
@@ -118,21 +120,21 @@ def load_records(data: Any, *, required: Sequence[str] = ()) -> list[dict]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+                raise DataFileError(f"{path}:{n}: invalid JSON ({e.msg})") from None
             where.append(f"{path}:{n}")
     else:
         records = list(data)
         where = [f"record {i}" for i in range(len(records))]
     for rec, at in zip(records, where):
         if not isinstance(rec, dict):
-            raise ValueError(f"{at}: expected a JSON object, got {type(rec).__name__}")
+            raise DataFileError(f"{at}: expected a JSON object, got {type(rec).__name__}")
         for key in required:
             if not isinstance(rec.get(key), str):
-                raise ValueError(f"{at}: field {key!r} must be a string")
+                raise DataFileError(f"{at}: field {key!r} must be a string")
         if not required and not ("messages" in rec or ("prompt" in rec and "completion" in rec)):
-            raise ValueError(f"{at}: needs 'prompt' and 'completion' strings, or 'messages'")
+            raise DataFileError(f"{at}: needs 'prompt' and 'completion' strings, or 'messages'")
     if not records:
-        raise ValueError(f"{data if isinstance(data, (str, Path)) else 'data'}: no records")
+        raise DataFileError(f"{data if isinstance(data, (str, Path)) else 'data'}: no records")
     return records
 
 
@@ -269,7 +271,7 @@ def load_model_and_tokenizer(model_spec: str, tokenizer_path: str | None, *, see
     if tokenizer is None:
         source = tokenizer_path or (model_spec if Path(model_spec).is_dir() else None)
         if source is None:
-            raise ValueError(f"model {model_spec!r} is a preset: give a tokenizer folder (tokenizer=...)")
+            raise ConfigError(f"model {model_spec!r} is a preset: give a tokenizer folder (tokenizer=...)")
         tokenizer = load_tokenizer(source)
     torch_dtype = getattr(torch, dtype)
     if model is None:
