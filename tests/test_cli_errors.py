@@ -19,6 +19,9 @@ def _run(monkeypatch, capsys, *args):
 
 @pytest.mark.parametrize("args,message", [
     (["zero", "grpo.lrr=1"], "error: unknown key 'grpo.lrr' in override 'grpo.lrr=1'; did you mean 'grpo.lr'?"),
+    (["zero", "grpo.group_size=1"], "error: grpo in override 'grpo.group_size=1': group_size must be >= 2, got 1"),
+    (["pipeline", "r1", "final_rl.rewards.accuracy=x"],
+     "error: final_rl in override 'final_rl.rewards.accuracy=x': reward 'accuracy': weight must be a number"),
     (["pipeline", "nosuch"], "error: unknown pipeline 'nosuch'; expected one of ['distill', 'r1', 'zero']"),
     (["eval", "/no/such/model", "--bench", "chain_sum@3"], "error: model folder /no/such/model does not exist"),
 ])
