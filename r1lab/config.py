@@ -235,7 +235,7 @@ def _build(cls: type, data: dict, path: str, where: str) -> Any:
         if key not in fields:
             src = getattr(value, "source", where) if isinstance(value, (_Override, _Section)) else where
             raise _unknown_key(cls, key, path, src, names)
-    kwargs = {}
+    kwargs, sources = {}, {}  # field → value, field → where its value came from
     for name, f in fields.items():
         full = f"{path}.{name}" if path else name
         if name in data:
@@ -252,12 +252,14 @@ def _build(cls: type, data: dict, path: str, where: str) -> Any:
                 elif isinstance(default, dict):
                     value = _deep_merge(default, value)
             kwargs[name] = _coerce(value, hints[name], full, src)
+            sources[name] = src
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required key {full!r} in {where}")
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as e:  # __post_init__ validation
-        raise ConfigError(f"{path or cls.__name__} in {where}: {e}") from None
+    except (TypeError, ValueError) as e:  # __post_init__ validation; its message starts with the field's name
+        named = next((sources[n] for n in sources if str(e).startswith(f"{n} ")), where)
+        raise ConfigError(f"{path or cls.__name__} in {named}: {e}") from None
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
@@ -290,6 +292,22 @@ def load_config(cls: type, yaml_path: str | Path | None = None, overrides: list[
     for item in overrides:
         _apply_override(data, item)
     return _build(cls, data, "", where)
+
+
+def check_ranges(cfg: Any, *, at_least: dict[str, float] | None = None, positive: tuple[str, ...] = (),
+                 unit: tuple[str, ...] = ()) -> None:
+    """For a config's __post_init__: ValueError naming the first field outside its range. at_least: {field:
+    minimum}; positive: fields that must be > 0; unit: fields in (0, 1] (e.g. top_p). load_config turns the
+    ValueError into a ConfigError that also names the section and where the value came from."""
+    for name, low in (at_least or {}).items():
+        if getattr(cfg, name) < low:
+            raise ValueError(f"{name} must be >= {low}, got {getattr(cfg, name)}")
+    for name in positive:
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    for name in unit:
+        if not 0 < getattr(cfg, name) <= 1:
+            raise ValueError(f"{name} must be in (0, 1], got {getattr(cfg, name)}")
 
 
 def to_dict(cfg: Any) -> Any:

@@ -1,5 +1,6 @@
 """Recipes + dotted overrides → nested dataclasses, with clear errors."""
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -150,3 +151,41 @@ def test_file_errors_and_required_fields(tmp_path):
     with pytest.raises(ConfigError, match="missing required key 'model'"):
         load_config(Required)
     assert load_config(Required, None, ["model=tiny"]) == Required(model="tiny")
+
+
+@dataclass
+class Ranged:
+    k: int = 4
+    top_p: float = 0.9
+    lr: float = 1e-3
+    sub: Rollout = field(default_factory=Rollout)
+
+    def __post_init__(self) -> None:
+        from r1lab.config import check_ranges
+
+        check_ranges(self, at_least={"k": 1}, positive=("lr",), unit=("top_p",))
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("k=0", "k must be >= 1, got 0"), ("lr=0", "lr must be > 0, got 0.0"), ("lr=-1e-3", "lr must be > 0"),
+    ("top_p=0", r"top_p must be in \(0, 1\], got 0"), ("top_p=1.5", r"top_p must be in \(0, 1\]"),
+])
+def test_range_errors_name_the_field_and_where_its_value_came_from(tmp_path, bad, message):
+    with pytest.raises(ConfigError, match=rf"^Ranged in override '{re.escape(bad)}': {message}"):
+        load_config(Ranged, None, ["sub.group_size=4", bad])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(bad.replace("=", ": ") + "\n")
+    with pytest.raises(ConfigError, match=rf"^Ranged in {re.escape(str(recipe))}: {message}"):
+        load_config(Ranged, recipe, ["sub.group_size=4"])
+    assert load_config(Ranged, None, ["k=1", "top_p=1", "lr=1e-9"]) == Ranged(k=1, top_p=1.0, lr=1e-9)
+
+
+def test_r1lab_configs_reject_out_of_range_values_when_loaded():
+    from r1lab.pipeline.r1 import PipelineConfig
+
+    with pytest.raises(ConfigError, match=r"^final_rl in override 'final_rl.group_size=1': group_size must be >= 2"):
+        load_config(PipelineConfig, None, ["final_rl.group_size=1"])
+    with pytest.raises(ConfigError, match=r"^PipelineConfig in override 'eval_k=0': eval_k must be >= 1"):
+        load_config(PipelineConfig, None, ["eval_k=0"])
+    with pytest.raises(ConfigError, match=r"^zero in override 'zero.top_p=2': top_p must be in \(0, 1\]"):
+        load_config(PipelineConfig, None, ["zero.top_p=2"])

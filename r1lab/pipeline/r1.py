@@ -26,10 +26,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from r1lab.config import ConfigError, check_ranges
+from r1lab.fsutil import atomic_write_text
 from r1lab.train import distributed as D
 from r1lab.train.grpo import GRPOConfig, TaskConfig, train_grpo
-from r1lab.config import ConfigError
-from r1lab.fsutil import atomic_write_text
 from r1lab.train.run_dir import RunDir
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -88,6 +88,11 @@ class PipelineConfig:
     device: str = "cpu"
     """Where every stage runs ("cuda" on a GPU); it overrides the RL stages' own `device`."""
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_ranges(self, at_least={"cold_start_examples": 1, "sft_epochs": 1, "rejection_k": 1,
+                                     "rejection_prompts": 1, "reward_model_pairs": 2, "eval_k": 1,
+                                     "eval_max_new_tokens": 1, "sft_tokens_per_step": 1}, positive=("sft_lr",))
 
 
 class Pipeline:

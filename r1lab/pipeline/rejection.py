@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from r1lab.config import ConfigError
+from r1lab.config import ConfigError, check_ranges
 from r1lab.rewards import accuracy_reward, format_reward, is_mixed_language
 from r1lab.fsutil import atomic_write_text
 from r1lab.train.run_dir import RunDir
@@ -339,6 +339,9 @@ class SamplingSpec:
     """Longest response; longer ones are truncated and rejected."""
     filters: FilterConfig = field(default_factory=FilterConfig)
     """Which samples to keep."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, at_least={"size": 1, "k": 1, "max_new_tokens": 1, "temperature": 0}, unit=("top_p",))
 
 
 @dataclass

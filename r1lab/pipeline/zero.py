@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-
+from r1lab.config import check_ranges
 from r1lab.train import distributed as D
 from r1lab.train.grpo import GRPOConfig, train_grpo
 from r1lab.train.run_dir import RunDir
@@ -26,6 +26,9 @@ class EvalConfig:
     max_new_tokens: int = 160
     """Completion limit at evaluation."""
     seed: int = 1234
+
+    def __post_init__(self) -> None:
+        check_ranges(self, at_least={"k": 1, "max_new_tokens": 1, "temperature": 0}, unit=("top_p",))
 
 
 @dataclass

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from r1lab.config import check_ranges
 from r1lab.rewards import compose_rewards
 from r1lab.rewards.compose import RewardSpec
 from r1lab.rollout import SamplingParams, generate
@@ -119,18 +120,11 @@ class GRPOConfig:
 
     def __post_init__(self) -> None:
         """Reject a config that could only fail later (after a model load and an evaluation, or mid-run)."""
-        at_least = {"prompts_per_step": 1, "group_size": 2, "max_new_tokens": 1, "epochs_per_rollout": 1,
-                    "num_minibatches": 1, "micro_batch_tokens": 1, "steps": 0, "warmup_steps": 0,
-                    "ref_reset_every": 0, "max_refill_rounds": 0, "save_every": 0, "sample_log_every": 0}
-        for name, low in at_least.items():
-            if getattr(self, name) < low:
-                why = " (GRPO compares the completions of a group)" if name == "group_size" else ""
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}{why}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature} and {self.top_p}")
-        if self.lr <= 0 or self.grad_clip <= 0 or self.weight_decay < 0:
-            raise ValueError(f"need lr > 0, grad_clip > 0, weight_decay >= 0, got {self.lr}, {self.grad_clip}, "
-                             f"{self.weight_decay}")
+        check_ranges(self, at_least={"group_size": 2, "prompts_per_step": 1, "max_new_tokens": 1,
+                                     "epochs_per_rollout": 1, "num_minibatches": 1, "micro_batch_tokens": 1,
+                                     "steps": 0, "warmup_steps": 0, "ref_reset_every": 0, "max_refill_rounds": 0,
+                                     "save_every": 0, "sample_log_every": 0, "temperature": 0, "weight_decay": 0},
+                     positive=("lr", "grad_clip"), unit=("top_p",))
         RewardSpec.from_dict(self.rewards)  # weights are numbers; names are checked against the task later
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import r1lab.model as rm
+from r1lab.config import check_ranges
 from r1lab.corpus import CorpusConfig, generate_corpus, pretrain_texts
 from r1lab.tokenizer import Tokenizer, train_bpe
 from r1lab.train import distributed as D
@@ -60,6 +61,11 @@ class PretrainConfig:
     dtype: str = "float32"
     """float32, or bfloat16 (autocast matmuls over fp32 master weights; CUDA only)."""
     log_every: int = 50
+
+    def __post_init__(self) -> None:
+        check_ranges(self, at_least={"n_docs": 1, "seq_len": 2, "batch_size": 1, "steps": 1, "warmup_steps": 0,
+                                     "log_every": 1, "min_lr_ratio": 0, "weight_decay": 0, "mtp_weight": 0},
+                     positive=("lr", "grad_clip"))
 
 
 def build_tokenizer(cfg: PretrainConfig) -> Tokenizer:

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import r1lab.model as rm
+from r1lab.config import check_ranges
 from r1lab.corpus import generate_cold_start
 from r1lab.tokenizer import Tokenizer, load_tokenizer
 from r1lab.train import distributed as D
@@ -311,6 +312,14 @@ class RewardModelConfig:
     """Write training metrics every this many steps."""
     resume: bool = True
     """Continue from the run directory's latest checkpoint when there is one."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, at_least={"synthetic_pairs": 2, "eval_fraction": 0, "epochs": 1, "pairs_per_step": 1,
+                                     "warmup_steps": 0, "weight_decay": 0, "min_lr_ratio": 0, "max_len": 2,
+                                     "micro_batch_tokens": 1, "eval_every": 1, "save_every": 0,
+                                     "keep_checkpoints": 1, "log_every": 1}, positive=("lr", "grad_clip"))
+        if self.eval_fraction >= 1:
+            raise ValueError(f"eval_fraction must be < 1 (the rest trains), got {self.eval_fraction}")
 
 
 def _encode_pairs(pairs: list[dict], tok: Tokenizer, cfg: RewardModelConfig) -> tuple[list[list[int]], list[list[int]], int]:
