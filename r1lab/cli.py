@@ -273,8 +273,8 @@ def eval_(
              "chain_sum@200), jsonl:PATH[,question_field=..,answer_field=..], humaneval, champ."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/eval-<time>)."),
     k: int = typer.Option(4, min=1, help="Samples per question (pass@1 is their mean; R1 uses 4-64)."),
-    temperature: float = typer.Option(0.6, help="R1 protocol: 0.6."),
-    top_p: float = typer.Option(0.95, help="R1 protocol: 0.95."),
+    temperature: float = typer.Option(0.6, min=0.0, help="R1 protocol: 0.6."),
+    top_p: float = typer.Option(0.95, min=0.0, max=1.0, help="R1 protocol: 0.95 (0 < top_p <= 1)."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Default: what the context leaves, at most 32768."),
     template: str = typer.Option("r1_zero", help="Prompt: r1_zero, chat, plain or a string with {question}."),
     force_think: bool = typer.Option(False, help="End prompts with an open <think> (for released R1 models)."),
@@ -283,8 +283,12 @@ def eval_(
     dtype: str = typer.Option("auto", help="auto (checkpoint dtype on CPU, bfloat16 on CUDA), float32, bfloat16."),
 ):
     """Evaluate a model with the R1 protocol: pass@1 over k samples, pass@k, cons@k, length, format rate."""
-    from r1lab.eval.runner import evaluate_benchmarks
+    from r1lab.eval.runner import evaluate_benchmarks, parse_bench
 
+    if top_p == 0:
+        raise typer.BadParameter("0 keeps no token; use 0 < top_p <= 1", param_hint="'--top-p'")
+    for spec in bench:
+        parse_bench(spec)  # a malformed spec fails now, not after the model load and the benchmarks before it
     with _processes(device) as info:
         run_dir = _shared_run_dir(out, "eval", info)
         evaluate_benchmarks(model, bench, run_dir, template=template, k=k, temperature=temperature, top_p=top_p,

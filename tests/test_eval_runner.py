@@ -9,6 +9,7 @@ import pytest
 
 import r1lab.rollout as rollout
 from r1lab.eval.metrics import pass_at_k
+from r1lab.config import ConfigError
 from r1lab.eval.runner import BenchSpec, evaluate, evaluate_benchmarks, parse_bench
 from r1lab.rollout import Completion
 from r1lab.serve import build_random_checkpoint, load_model_and_tokenizer
@@ -134,8 +135,13 @@ def test_parse_bench():
     assert spec.options == {"question_field": "problem", "answer_field": "answer"}
     assert parse_bench("chain_sum,min_terms=2").options == {"min_terms": 2}
     assert parse_bench({"task": "humaneval", "size": 5}).name == "humaneval"
-    with pytest.raises(ValueError, match="key=value"):
+    with pytest.raises(ConfigError, match="key=value"):
         parse_bench("chain_sum,oops")
+    for bad in ("chain_sum@abc", "chain_sum@0", "chain_sum@"):
+        with pytest.raises(ConfigError, match=f"benchmark '{bad}': the size after '@' must be a whole number"):
+            parse_bench(bad)
+    assert parse_bench("jsonl:runs/a@b.jsonl").task == "jsonl:runs/a@b.jsonl"  # a file name's @ is no size
+    assert parse_bench("jsonl:runs/a@b.jsonl@7").size == 7
 
 
 def test_sampled_items_do_not_depend_on_the_batch_size(tiny):

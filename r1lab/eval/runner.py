@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from r1lab.config import ConfigError
 from r1lab.eval.metrics import group_answers, majority_index, summarize
 from r1lab.rewards import accuracy_reward, extract_answer, extract_code, format_reward, is_mixed_language
 from r1lab.tasks import MATH_INSTRUCTION, Problem, Task, load_task, render_prompt
@@ -308,14 +309,18 @@ def parse_bench(spec: str | dict | BenchSpec) -> BenchSpec:
         return BenchSpec(**spec)
     head, *pairs = [part.strip() for part in spec.split(",")]
     task, size = head, None
-    match = re.fullmatch(r"(.+)@(\d+)", head)
+    match = re.fullmatch(r"(.+)@([^/.]*)", head)  # not a file name's @ ("jsonl:runs/a@b.jsonl")
     if match:
-        task, size = match.group(1), int(match.group(2))
+        task, size_text = match.groups()
+        if not size_text.isdigit() or int(size_text) < 1:
+            raise ConfigError(f"benchmark {spec!r}: the size after '@' must be a whole number >= 1, "
+                              f"got {size_text!r}")
+        size = int(size_text)
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"benchmark {spec!r}: option {pair!r} is not key=value")
+            raise ConfigError(f"benchmark {spec!r}: option {pair!r} is not key=value")
         options[key.strip()] = _option_value(value.strip())
     return BenchSpec(task, size, options)
 

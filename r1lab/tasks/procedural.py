@@ -72,7 +72,7 @@ def load_reasoning_gym(name: str, split: str, size: int, seed: int, *,
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if size is None or size < 1:
-        raise ValueError(f"procedural task {name!r} needs size >= 1, got {size}")
+        raise TaskDataError(f"procedural task {name!r} needs size >= 1, got {size}")
     if not 0.0 < holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
     for reserved in ("size", "seed"):
