@@ -189,3 +189,7 @@ def test_r1lab_configs_reject_out_of_range_values_when_loaded():
         load_config(PipelineConfig, None, ["eval_k=0"])
     with pytest.raises(ConfigError, match=r"^zero in override 'zero.top_p=2': top_p must be in \(0, 1\]"):
         load_config(PipelineConfig, None, ["zero.top_p=2"])
+    with pytest.raises(ConfigError, match=r"^zero.objective in .*: clip_high must be > 0 or null, got -0.1"):
+        load_config(PipelineConfig, None, ["zero.objective.clip_high=-0.1"])
+    with pytest.raises(ConfigError, match=r"^task in override 'task.train_size=0': train_size must be >= 1"):
+        load_config(PipelineConfig, None, ["task.train_size=0"])

@@ -54,6 +54,9 @@ class TaskConfig:
     """Keyword arguments for the task source (reasoning-gym dataset config, jsonl field names,
     holdout_fraction); empty means r1lab's default for that task (DEFAULT_TASK_OPTIONS)."""
 
+    def __post_init__(self) -> None:
+        check_ranges(self, at_least={"train_size": 1, "test_size": 0})
+
     def source_options(self) -> dict:
         return dict(self.options) if self.options else dict(DEFAULT_TASK_OPTIONS.get(self.name, {}))
 

@@ -21,6 +21,8 @@ from typing import Literal, Sequence
 
 import torch
 
+from r1lab.config import check_ranges
+
 AdvantageScale = Literal["group_std", "batch_std", "none"]
 RatioLevel = Literal["token", "sequence"]
 Aggregation = Literal["seq_mean_token_mean", "token_mean", "constant"]
@@ -324,6 +326,13 @@ class Objective:
                      soft_overlong_cache=4096),
         "gspo": dict(clip_low=3e-4, clip_high=4e-4, ratio_level="sequence"),
     }
+
+    def __post_init__(self) -> None:
+        check_ranges(self, at_least={"advantage_eps": 0, "beta": 0, "soft_overlong_cache": 0},
+                     positive=("clip_low",))
+        for name in ("clip_high", "constant_normalizer"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 or null, got {getattr(self, name)}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "Objective":

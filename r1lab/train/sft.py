@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import r1lab.model as rm
-from r1lab.config import ConfigError
+from r1lab.config import ConfigError, check_ranges
 from r1lab.errors import DataFileError
 from r1lab.tokenizer import Tokenizer, load_tokenizer
 from r1lab.train import distributed as D
@@ -98,10 +98,12 @@ class SFTConfig:
             raise ConfigError(f"template must be 'raw' or 'chat', got {self.template!r}")
         if self.overlong not in ("drop", "truncate"):
             raise ConfigError(f"overlong must be 'drop' or 'truncate', got {self.overlong!r}")
+        check_ranges(self, at_least={"epochs": 1, "tokens_per_step": 1, "max_len": 2, "warmup_steps": 0,
+                                     "weight_decay": 0, "min_lr_ratio": 0, "mtp_weight": 0, "chunk_size": 1,
+                                     "save_every": 0, "keep_checkpoints": 1, "log_every": 1},
+                     positive=("lr", "grad_clip"))
         if self.micro_batch_tokens < self.max_len:
             raise ConfigError(f"micro_batch_tokens={self.micro_batch_tokens} must be >= max_len={self.max_len}")
-        if self.epochs < 1 or self.tokens_per_step < 1 or self.max_len < 2:
-            raise ConfigError("epochs, tokens_per_step must be >= 1 and max_len >= 2")
 
 
 # ----------------------------------------------------------------------------------------- data
