@@ -10,7 +10,6 @@ import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from r1lab.train import distributed as D

@@ -68,7 +68,7 @@ def load_reasoning_gym(name: str, split: str, size: int, seed: int, *,
         close = difflib.get_close_matches(name, names, n=3)
         hint = f"; did you mean {close}?" if close else ""
         raise TaskDataError(f"unknown task {name!r}: not a reasoning-gym dataset, 'jsonl:PATH', "
-                         f"'parquet:PATH', 'humaneval' or 'champ'{hint}")
+                            f"'parquet:PATH', 'humaneval' or 'champ'{hint}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if size is None or size < 1:

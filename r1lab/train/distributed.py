@@ -124,8 +124,8 @@ def exit_after_teardown(code: int | str | None) -> None:
     """End a process whose process group `shutdown()` tore down cleanly without finalizing the interpreter:
     atexit handlers run and stdio is flushed, then os._exit. Why: during finalization Python ends any thread
     that asks for the GIL with pthread_exit, and a torch/gloo C++ thread unwound that way aborts the process
-    ("terminate called without an active exception", exit -6) after all its work was done and written; it
-    happened in CI a few times in a hundred torchrun runs. Does nothing (returns) when no group was torn down
+    ("terminate called without an active exception", exit -6) after all its work was done and written
+    (three CI runs saw it, never reproduced locally). Does nothing (returns) when no group was torn down
     cleanly, so single-process runs and failed runs exit the normal way."""
     if not _torn_down_cleanly:
         return
