@@ -91,7 +91,8 @@ def _build_model(args) -> tuple[object, object, str]:
     import torch
 
     import r1lab.model as rm
-    from r1lab.serve import build_random_checkpoint, load_model_and_tokenizer
+    from r1lab.model import load_model_and_tokenizer
+from r1lab.testing import build_random_checkpoint
     from r1lab.tokenizer import load_tokenizer
 
     cuda = args.device.startswith("cuda")

@@ -10,7 +10,8 @@ import pytest
 from rich.console import Console
 
 from r1lab.rollout import StreamEvent
-from r1lab.serve import build_random_checkpoint, load_model_and_tokenizer
+from r1lab.model import load_model_and_tokenizer
+from r1lab.testing import build_random_checkpoint
 from r1lab.serve.chat import chat_repl
 from r1lab.serve.reasoning import (
     IncrementalDetokenizer,

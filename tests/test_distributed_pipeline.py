@@ -113,7 +113,7 @@ def _sample(model, tok, info=None):
 
 
 def _rank(rank: int, port: int, tmp: str) -> None:
-    from r1lab.serve import load_model_and_tokenizer
+    from r1lab.model import load_model_and_tokenizer
     from r1lab.train.reward_model import train_reward_model
 
     info = join_group(rank, port)
@@ -153,7 +153,7 @@ def test_reward_model_and_rejection_sampling_on_two_ranks(tmp_path):
     assert kept and kept == sorted(set(kept))  # identical greedy samples: one kept per prompt at most, despite the cap of 2
     assert stats["rejected_duplicate"] == stats["kept"] * (K - 1)
     # greedy samples do not depend on how the prompts were batched, so one process selects the same
-    from r1lab.serve import load_model_and_tokenizer
+    from r1lab.model import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(ASSETS / "r1-tiny-student", dtype="float32")
     assert json.loads(json.dumps(_sample(model, tok))) == r0

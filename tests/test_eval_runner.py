@@ -12,7 +12,8 @@ from r1lab.eval.metrics import pass_at_k
 from r1lab.config import ConfigError
 from r1lab.eval.runner import BenchSpec, evaluate, evaluate_benchmarks, parse_bench
 from r1lab.rollout import Completion
-from r1lab.serve import build_random_checkpoint, load_model_and_tokenizer
+from r1lab.model import load_model_and_tokenizer
+from r1lab.testing import build_random_checkpoint
 from r1lab.tasks import Problem, Task
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from r1lab.pipeline.r1 import ASSETS
-from r1lab.serve import load_model_and_tokenizer
+from r1lab.model import load_model_and_tokenizer
 from r1lab.train.grpo import GRPOConfig, TaskConfig, Trainer
 from r1lab.train.grpo_math import Objective
 from r1lab.train.run_dir import RunDir

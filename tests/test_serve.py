@@ -16,7 +16,9 @@ import openai
 import pytest
 
 from r1lab.rollout import SamplingParams, StreamEvent
-from r1lab.serve import ReasoningSplitter, build_random_checkpoint, load_model_and_tokenizer, render_chat_prompt
+from r1lab.model import load_model_and_tokenizer
+from r1lab.serve import ReasoningSplitter, render_chat_prompt
+from r1lab.testing import build_random_checkpoint
 from r1lab.serve.server import (
     BackgroundServer,
     ChoiceStream,

@@ -355,7 +355,7 @@ def evaluate_benchmarks(model: Any, benches: Sequence[str | dict | BenchSpec], o
     info = dist or D.single_process(device)
     model_label = "model"
     if model is None or isinstance(model, (str, Path)):
-        from r1lab.serve import DEFAULT_MODEL_DIR, load_model_and_tokenizer
+        from r1lab.model import DEFAULT_MODEL_DIR, load_model_and_tokenizer
 
         model_label = str(model or DEFAULT_MODEL_DIR)
         # the rank's own GPU under torchrun

@@ -127,7 +127,7 @@ class Pipeline:
         return {"base": self.base_dir, "student_base": self.student_dir}.get(name) or self.stage_dir(name) / "model"
 
     def load(self, name: str):
-        from r1lab.serve import load_model_and_tokenizer
+        from r1lab.model import load_model_and_tokenizer
 
         return load_model_and_tokenizer(self.model_dir(name), device=self.device, dtype="float32")
 

@@ -52,7 +52,7 @@ def run_zero(cfg: ZeroConfig, run_dir: RunDir, *, resume: bool = False, progress
     share of the held-out questions; rank 0 alone writes the summary, the report and the final model."""
     from r1lab.eval.report import write_report
     from r1lab.eval.runner import evaluate
-    from r1lab.serve import load_model_and_tokenizer
+    from r1lab.model import load_model_and_tokenizer
 
     g = cfg.grpo
     info = dist or D.single_process(g.device)

@@ -175,7 +175,7 @@ def _keyboard(console: Any) -> Iterator[str]:
 def run_chat(model_path: str | Path | None = None, *, device: str = "cpu", dtype: str = "auto",
              **options: Any) -> None:
     """Load a model folder (None: the embedded default, r1lab/assets/r1-tiny) and chat on the terminal."""
-    from . import load_model_and_tokenizer
+    from r1lab.model import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(model_path, device=device, dtype=dtype)
     chat_repl(model, tokenizer, **options)

@@ -519,7 +519,7 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
     """Load a model folder (None: the embedded default) and serve it with uvicorn until interrupted."""
     import uvicorn
 
-    from . import DEFAULT_MODEL_DIR, load_model_and_tokenizer
+    from r1lab.model import DEFAULT_MODEL_DIR, load_model_and_tokenizer
 
     if not str(device).startswith("cuda"):
         # Leave a core to the HTTP event loop: torch's intra-op threads spin, and on a CPU where they
