@@ -8,12 +8,28 @@ and the v5 form (`rope_parameters`).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InputError
+from .fp8 import weight_block_size
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "deepseek_v3")
+
+REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
+    "*": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
+    # Each of these shapes tensors, or has a transformers default unlike r1lab's (q_lora_rank 1536, 256 experts,
+    # n_group 8, ...): left out, r1lab and transformers would build different models from one config.json.
+    "deepseek_v3": ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                    "n_routed_experts", "moe_intermediate_size", "num_experts_per_tok", "n_group", "topk_group",
+                    "routed_scaling_factor", "first_k_dense_replace"),
+}
+"""config.json fields with no default: every config transformers writes carries them (it writes all of a model's
+own attributes), as do the released ones and r1lab's own; a missing one is a damaged or hand-written file."""
+
+# transformers' default where it differs from ModelArgs' and a released config may leave the field out.
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {"mistral": {"num_key_value_heads": 8}}
 
 
 class ConfigError(InputError):
@@ -117,6 +133,7 @@ class ModelArgs:
 
     # ------------------------------------------------------------------
     def __post_init__(self) -> None:
+        _check_field_types(self)
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"model_type {self.model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}"
@@ -176,12 +193,20 @@ class ModelArgs:
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelArgs":
         """Build from a parsed HF config.json (v4 or v5 rope form); errors name `source` and the field."""
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
         cfg = dict(cfg)
         model_type = cfg.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"{source}: model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}"
             )
+        required = REQUIRED_FIELDS["*"] + REQUIRED_FIELDS.get(model_type, ())
+        missing = [name for name in required if name not in cfg]
+        if missing:
+            raise ConfigError(f"{source}: required field(s) missing: {', '.join(missing)} (model_type {model_type})")
+        for name, value in _HF_DEFAULTS.get(model_type, {}).items():
+            cfg.setdefault(name, value)
         rope_theta, rope_scaling = _normalize_rope(cfg, source)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs: dict[str, Any] = {k: v for k, v in cfg.items() if k in known}
@@ -203,18 +228,18 @@ class ModelArgs:
                 raise ConfigError(f"{source}: attention_bias=true is not supported for deepseek_v3")
             if cfg.get("topk_method", "noaux_tc") not in ("noaux_tc", "greedy", "group_limited_greedy"):
                 raise ConfigError(f"{source}: topk_method {cfg['topk_method']!r} is not supported")
-            if cfg.get("quantization_config"):
-                raise ConfigError(
-                    f"{source}: quantized checkpoints (quantization_config) are not supported; dequantize to bf16 first"
-                )
         if "torch_dtype" not in kwargs and "dtype" in cfg:
             kwargs["torch_dtype"] = cfg["dtype"]
-        skip = known | {"rope_parameters", "rope_scaling", "rope_theta", "attention_bias", "architectures", "dtype"}
+        # The loader de-quantizes what quantization_config describes (fp8.py), so the weights r1lab holds and
+        # saves are plain floats: the field must not travel into a saved config.json.
+        weight_block_size(cfg.get("quantization_config"), source)
+        skip = known | {"rope_parameters", "rope_scaling", "rope_theta", "attention_bias", "architectures", "dtype",
+                        "quantization_config"}
         kwargs["extra"] = {k: v for k, v in cfg.items() if k not in skip}
         try:
             return cls(**kwargs)
-        except TypeError as e:  # a field of the wrong type
-            raise ConfigError(f"{source}: {e}") from e
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
     def to_hf_config(self) -> dict[str, Any]:
         """The config.json written by `save` (v4-style rope keys, which transformers 4 and 5 both read)."""
@@ -256,9 +281,64 @@ class ModelArgs:
         return dataclasses.replace(self, **changes)
 
 
+_INT_FIELDS_MIN = {
+    # field: smallest valid value
+    "vocab_size": 1, "hidden_size": 1, "intermediate_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1,
+    "num_key_value_heads": 1, "head_dim": 1, "max_position_embeddings": 1, "q_lora_rank": 1, "kv_lora_rank": 1,
+    "qk_nope_head_dim": 1, "qk_rope_head_dim": 1, "v_head_dim": 1, "n_routed_experts": 1, "n_shared_experts": 0,
+    "num_experts_per_tok": 1, "moe_intermediate_size": 1, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 0,
+    "moe_layer_freq": 1, "num_nextn_predict_layers": 0, "bos_token_id": 0, "pad_token_id": 0,
+}
+_NULLABLE = {"num_key_value_heads", "head_dim", "q_lora_rank", "n_routed_experts", "bos_token_id", "pad_token_id",
+             "eos_token_id", "qkv_bias", "rope_scaling", "torch_dtype"}
+_FLOAT_FIELDS = {"rms_norm_eps": True, "rope_theta": True, "initializer_range": False, "routed_scaling_factor": True,
+                 "seq_aux_loss_alpha": False}  # field: must be > 0 (else >= 0)
+_BOOL_FIELDS = {"qkv_bias", "o_bias", "tie_word_embeddings", "rope_interleave", "norm_topk_prob"}
+_STR_FIELDS = {"model_type", "hidden_act", "scoring_func", "moe_impl", "torch_dtype"}
+
+
+def _check_field_types(args: ModelArgs) -> None:
+    """A wrong-typed field fails here, named with its value, not later as a TypeError deep in a layer's __init__."""
+
+    def bad(name: str, value: Any, expected: str) -> ConfigError:
+        return ConfigError(f"{name} must be {expected}, got {value!r}")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    for name in _INT_FIELDS_MIN.keys() | _FLOAT_FIELDS.keys() | _BOOL_FIELDS | _STR_FIELDS | {"eos_token_id",
+                                                                                              "rope_scaling"}:
+        value = getattr(args, name)
+        if value is None and name in _NULLABLE:
+            continue
+        if name in _INT_FIELDS_MIN:
+            low = _INT_FIELDS_MIN[name]
+            if not is_int(value) or value < low:
+                raise bad(name, value, f"an integer >= {low}" + (" or null" if name in _NULLABLE else ""))
+        elif name in _FLOAT_FIELDS:
+            positive = _FLOAT_FIELDS[name]
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or value < 0 or (positive and value == 0):
+                raise bad(name, value, "a number > 0" if positive else "a number >= 0")
+        elif name in _BOOL_FIELDS:
+            if not isinstance(value, bool):
+                raise bad(name, value, "true or false")
+        elif name in _STR_FIELDS:
+            if not isinstance(value, str):
+                raise bad(name, value, "a string")
+        elif name == "eos_token_id":
+            ids = value if isinstance(value, (list, tuple)) else [value]
+            if not all(is_int(i) and i >= 0 for i in ids):
+                raise bad(name, value, "a token id, a list of token ids or null")
+        elif name == "rope_scaling" and not isinstance(value, dict):
+            raise bad(name, value, "an object or null")
+
+
 def _normalize_rope(cfg: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
     """Return (rope_theta, scaling dict or None) from either the v4 or the v5 config form."""
     params = cfg.get("rope_parameters")
+    for name in ("rope_parameters", "rope_scaling"):
+        if cfg.get(name) is not None and not isinstance(cfg[name], dict):
+            raise ConfigError(f"{source}: {name} must be an object or null, got {cfg[name]!r}")
     if isinstance(params, dict) and params:
         if "rope_type" not in params and any(isinstance(v, dict) for v in params.values()):
             raise ConfigError(f"{source}: per-layer-type rope_parameters are not supported")
@@ -277,4 +357,6 @@ def _normalize_rope(cfg: dict[str, Any], source: str) -> tuple[float, dict[str, 
             scaling = None
         elif rope_type not in ("yarn", "llama3", "linear"):
             raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (yarn, llama3, linear)")
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+        raise ConfigError(f"{source}: rope_theta must be a number > 0, got {theta!r}")
     return float(theta), scaling
