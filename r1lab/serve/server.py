@@ -18,7 +18,11 @@ sent as soon as it is sampled. A client that disconnects mid-stream has its requ
 cache slots.
 
 Failure isolation: requests are validated before they reach the engine (`validation.py`: 400 errors shaped
-like OpenAI's).
+like OpenAI's). No request can hold the event loop (and with it every stream and /health) for long: the body
+is read in pieces up to `max_body_bytes` (413 past it, or at once from its Content-Length), and parsing,
+prompt rendering and tokenization, which take about a second per megabyte, run on a thread, after a prompt
+with more characters than the context can hold in tokens was refused without being tokenized. A refused
+request leaves its keep-alive connection usable (uvicorn discards what is left of a refused body).
 If `engine.step()` raises anyway, the requests submitted since the last good step are the suspects: they
 fail alone (500), the engine is rebuilt, and every other request resumes where it was (its prompt plus the
 tokens generated so far become the new prompt). When no request was new, all requests in flight fail. The
@@ -54,8 +58,12 @@ from .reasoning import (
 from .validation import (
     RequestError,
     Sampling,
+    body_too_large,
+    chars_per_token_bound,
     check_model,
+    check_prompt_chars,
     completion_prompts,
+    encode,
     parse_json_body,
     parse_messages,
     parse_sampling,
@@ -100,6 +108,11 @@ class ServerConfig:
     """Chat prompt format: "auto", "chat" (the tokenizer's chat template) or "r1_zero" (see reasoning.py)."""
     force_think: bool = True
     """End chat prompts with an open <think> block (DeepSeek's advice for R1 models)."""
+    max_body_bytes: int = 2 * 1024 * 1024
+    """Largest request body (413 above it). 2 MiB holds a 128k-token prompt as text or as token ids."""
+    max_chars_per_token: int | None = None
+    """A prompt with more characters than max_model_len times this is refused before it is tokenized; None:
+    the tokenizer's longest vocabulary entry (validation.chars_per_token_bound), which no text can beat."""
     freeze_gc: bool = True
     """At startup, collect garbage once and `gc.freeze()` what is left (model, torch, libraries: some 10^5
     objects), so that later full collections skip it. Without this, a full collection while streaming scans
@@ -210,11 +223,41 @@ class _Server:
         self.max_model_len = config.max_model_len or min(args.max_position_embeddings, 4096)
         self.limit = min(config.max_tokens_limit or self.max_model_len, self.max_model_len)
         self.vocab_size = args.vocab_size
+        self.chars_per_token = config.max_chars_per_token or chars_per_token_bound(tokenizer)
         self.stop_ids = sorted(set(tokenizer.stop_ids) | set(args.stop_token_ids))
         num_seqs = config.max_num_seqs or (256 if cuda else 64)
         self.worker = EngineWorker(engine_factory or default_engine_factory(model, num_seqs, self.max_model_len))
         self.created = int(time.time())
         self._outbox: _Outbox | None = None  # the worker → event loop hand-off (one per loop)
+
+    # -- request → prompts (on a thread: see read_prepared) -----------------------------------------------------
+    def prepare_chat(self, raw: bytes) -> tuple[Sampling, Any, list[int], int]:
+        """A chat request's body → (sampling, rendered prompt, prompt ids, max_new_tokens)."""
+        config = self.config
+        body = parse_json_body(raw)
+        check_model(body, config.model_name)
+        messages = parse_messages(body.get("messages"))
+        sampling = parse_sampling(body, config, self.limit)
+        rendered = render_chat_prompt(self.tokenizer, messages, template=config.template,
+                                      force_think=config.force_think)
+        check_prompt_chars(len(rendered.text), self.chars_per_token, max_model_len=self.max_model_len,
+                           param="messages")
+        [prompt] = encode(self.tokenizer, [rendered.text], add_bos=rendered.template == "r1_zero")
+        budget = token_budget(len(prompt), sampling, max_model_len=self.max_model_len, limit=self.limit,
+                              param="messages", default=None)
+        return sampling, rendered, prompt, budget
+
+    def prepare_completions(self, raw: bytes) -> tuple[Sampling, list[list[int]], list[int]]:
+        """A completions request's body → (sampling, prompt ids, max_new_tokens of each prompt)."""
+        config = self.config
+        body = parse_json_body(raw)
+        check_model(body, config.model_name)
+        sampling = parse_sampling(body, config, self.limit)
+        prompts = completion_prompts(body.get("prompt"), self.tokenizer, self.vocab_size,
+                                     max_model_len=self.max_model_len, chars_per_token=self.chars_per_token)
+        budgets = [token_budget(len(p), sampling, max_model_len=self.max_model_len, limit=self.limit,
+                                param="prompt", default=config.default_completions_max_tokens) for p in prompts]
+        return sampling, prompts, budgets
 
     # -- submission -----------------------------------------------------------------------------------------
     def submit(self, prompts: list[list[int]], sampling: Sampling, max_new_tokens: list[int]) -> _Submission:
@@ -343,6 +386,8 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "r1lab", max_mod
 
     config = ServerConfig(model_name=model_name, max_model_len=max_model_len, max_tokens_limit=max_tokens_limit,
                           **options)
+    if config.max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, got {config.max_body_bytes}")
     server = _Server(model, tokenizer, config, engine_factory)
 
     @asynccontextmanager
@@ -397,14 +442,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "r1lab", max_mod
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = parse_json_body(await request.body())
-        check_model(body, config.model_name)
-        messages = parse_messages(body.get("messages"))
-        sampling = parse_sampling(body, config, server.limit)
-        rendered = render_chat_prompt(tokenizer, messages, template=config.template, force_think=config.force_think)
-        prompt = tokenizer.encode(rendered.text, add_bos=rendered.template == "r1_zero")
-        budget = token_budget(len(prompt), sampling, max_model_len=server.max_model_len, limit=server.limit,
-                              param="messages", default=None)
+        sampling, rendered, prompt, budget = await read_prepared(request, server.prepare_chat)
         choices = [ChoiceStream(tokenizer, set(server.stop_ids), sampling.stop,
                                 ReasoningSplitter(starts_in_think=rendered.starts_in_think))
                    for _ in range(sampling.n)]
@@ -421,12 +459,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "r1lab", max_mod
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = parse_json_body(await request.body())
-        check_model(body, config.model_name)
-        sampling = parse_sampling(body, config, server.limit)
-        prompts = completion_prompts(body.get("prompt"), tokenizer, server.vocab_size)
-        budgets = [token_budget(len(p), sampling, max_model_len=server.max_model_len, limit=server.limit,
-                                param="prompt", default=config.default_completions_max_tokens) for p in prompts]
+        sampling, prompts, budgets = await read_prepared(request, server.prepare_completions)
         choices = [ChoiceStream(tokenizer, set(server.stop_ids), sampling.stop, None)
                    for _ in range(len(prompts) * sampling.n)]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": config.model_name}
@@ -438,6 +471,15 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "r1lab", max_mod
         return {**head, "object": "text_completion", "choices": [
             {"index": i, "text": "".join(c.content), "logprobs": None, "finish_reason": c.finish_reason}
             for i, c in enumerate(choices)], "usage": _usage(prompt_tokens, choices)}
+
+    async def read_prepared(request: Request, prepare: Callable[[bytes], Any]) -> Any:
+        """`prepare(body)` of the request's body, read up to max_body_bytes. Bodies past a few KiB are
+        prepared on a thread: the cheap bounds (body size, prompt characters) still leave up to a second
+        or so of parsing and tokenizing for a legal one, which must not stop the event loop."""
+        raw = await read_body(request, config.max_body_bytes)
+        if len(raw) <= _INLINE_BODY_BYTES:
+            return prepare(raw)
+        return await asyncio.to_thread(prepare, raw)
 
     async def _collect(request: Request, submission: _Submission, choices: list[ChoiceStream]) -> None:
         """Run a non-streaming request to the end; a client that went away cancels it."""
@@ -496,6 +538,28 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "r1lab", max_mod
                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+_INLINE_BODY_BYTES = 4 * 1024
+"""Bodies up to this size are prepared on the event loop: a few milliseconds at most, tokenizing included,
+about what a hop to a thread costs when the engine thread contends for the GIL; and they never queue
+behind big bodies in the thread pool."""
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, or a 413 RequestError once it passes `limit` bytes: at once when its Content-Length says so
+    (the body is never read, and a client that sent `Expect: 100-continue` never sends it), else at the first
+    piece past the limit, so nothing more than `limit` bytes is ever held."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise body_too_large(limit, int(declared))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise body_too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class ClosingStreamingResponse(StreamingResponse):

@@ -5,6 +5,11 @@ status 400 unless said otherwise).
 Pure Python (no FastAPI), so the rules can be read, and tested, without a server: `parse_messages` and
 `parse_sampling` read the JSON body; `check_model`, `completion_prompts` and `token_budget` check it against
 what the served model allows (its name, vocabulary and context length).
+
+Hostile sizes are refused before they cost anything: the body's size is capped while it is read
+(`body_too_large`, 413), JSON nested too deeply for the parser is a 400 (`parse_json_body`), and a prompt with
+more characters than `max_model_len` tokens can hold is refused before it is tokenized (`check_prompt_chars`,
+with the bound from `chars_per_token_bound`).
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .server import ServerConfig
 
-__all__ = ["RequestError", "Sampling", "check_model", "completion_prompts", "parse_json_body", "parse_messages",
-           "parse_sampling", "token_budget"]
+__all__ = ["RequestError", "Sampling", "body_too_large", "chars_per_token_bound", "check_model", "check_prompt_chars",
+           "completion_prompts", "encode", "parse_json_body", "parse_messages", "parse_sampling", "token_budget"]
 
 
 class RequestError(Exception):
@@ -32,12 +37,25 @@ class RequestError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def body_too_large(limit: int, size: int | None = None) -> RequestError:
+    """413 for a body above `limit` bytes; `size` is the declared Content-Length, if there was one (a body
+    read in pieces is refused at the first piece past the limit, so its full size is never known)."""
+    size_text = f"is {size} bytes" if size is not None else f"is over {limit} bytes"
+    return RequestError(f"The request body {size_text}; this server accepts at most {limit} bytes "
+                        "(ServerConfig.max_body_bytes)", code="request_too_large", status=413)
+
+
 def parse_json_body(raw: bytes) -> dict:
     """The request body as a JSON object."""
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise RequestError(f"We could not parse the JSON body of your request: {error}") from None
+    except RecursionError:
+        # json's C parser recurses once per level and stops at the interpreter's recursion limit; left
+        # unhandled this was a 500 (and Starlette closes the connection after one)
+        raise RequestError("We could not parse the JSON body of your request: it nests arrays/objects more "
+                           "deeply than this server parses") from None
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     return body
@@ -173,8 +191,52 @@ def parse_sampling(body: dict, config: ServerConfig, limit: int) -> Sampling:
                     seed, stream, bool((options or {}).get("include_usage")))
 
 
-def completion_prompts(value: Any, tokenizer: Any, vocab_size: int) -> list[list[int]]:
-    """/v1/completions `prompt`: a string, a list of strings, a list of token ids, or a list of those."""
+def chars_per_token_bound(tokenizer: Any) -> int | None:
+    """At most how many characters of input one token of `tokenizer` (an r1lab Tokenizer) stands for, so that
+    a text of c characters has at least c / bound tokens; None if it cannot be told.
+
+    The longest vocabulary entry, added tokens included: a byte-level BPE entry has one character per byte
+    (and a character is at least one byte), a SentencePiece/WordPiece entry at least one per character
+    ("##", "<0x41>" only add). A normalizer may shrink text before the model sees it (NFC/NFKC compose a
+    few code points into one): with one, the bound is 4x, a margin no composition reaches; a normalizer that
+    deletes whole runs of characters would break it."""
+    backend = getattr(tokenizer, "backend", None)
+    try:
+        longest = max(map(len, backend.get_vocab(with_added_tokens=True)))
+    except Exception:  # noqa: BLE001 - not an HF tokenizers backend: no bound, the exact check still applies
+        return None
+    return longest * (4 if getattr(backend, "normalizer", None) is not None else 1)
+
+
+def check_prompt_chars(chars: int, chars_per_token: int | None, *, max_model_len: int, param: str) -> None:
+    """Refuse, before tokenizing it, a prompt of `chars` characters that cannot fit in max_model_len tokens
+    (it has at least chars / chars_per_token of them). Tokenizing costs about a second per megabyte: this
+    keeps that cost to prompts that might be served."""
+    if chars_per_token is not None and chars > max_model_len * chars_per_token:
+        raise RequestError(
+            f"This model's maximum context length is {max_model_len} tokens, and the {param} alone has {chars} "
+            f"characters: more than {max_model_len} tokens of at most {chars_per_token} characters each can hold",
+            param=param, code="context_length_exceeded")
+
+
+def encode(tokenizer: Any, texts: list[str], add_bos: bool) -> list[list[int]]:
+    """Token ids of each text. Through `encode_batch` where the tokenizer has one: HF tokenizers' batch call
+    lets go of the GIL while it works, the single `encode` does not, and a request handler's thread that holds
+    the GIL for the second a megabyte takes stalls the event loop (every other request, /health) as surely
+    as tokenizing on the loop itself."""
+    if not texts:
+        return []
+    batch = getattr(tokenizer, "encode_batch", None)
+    if batch is not None:
+        return [list(ids) for ids in batch(texts, add_bos=add_bos)]
+    return [tokenizer.encode(text, add_bos=add_bos) for text in texts]
+
+
+def completion_prompts(value: Any, tokenizer: Any, vocab_size: int, *, max_model_len: int | None = None,
+                       chars_per_token: int | None = None) -> list[list[int]]:
+    """/v1/completions `prompt`: a string, a list of strings, a list of token ids, or a list of those.
+    With max_model_len, a prompt longer than that is refused before it is tokenized where its length in
+    characters (see check_prompt_chars) or in ids already says so; `token_budget` checks the rest."""
     if value is None:
         raise RequestError("you must provide a 'prompt' parameter", param="prompt",
                            code="missing_required_parameter")
@@ -183,19 +245,25 @@ def completion_prompts(value: Any, tokenizer: Any, vocab_size: int) -> list[list
     if not isinstance(value, list) or not value:
         raise RequestError("'prompt' must be a string, a list of strings or a list of token-id lists",
                            param="prompt")
-    prompts = []
+    prompts: list[list[int] | None] = []
+    texts: dict[int, str] = {}
     for i, item in enumerate(value):
         if isinstance(item, str):
-            ids = tokenizer.encode(item, add_bos=True)
+            if max_model_len is not None:
+                check_prompt_chars(len(item), chars_per_token, max_model_len=max_model_len, param="prompt")
+            texts[i] = item
+            prompts.append(None)
         elif isinstance(item, list) and all(_is_int(t) for t in item):
-            ids = list(item)
-            if any(not 0 <= t < vocab_size for t in ids):
+            if any(not 0 <= t < vocab_size for t in item):
                 raise RequestError(f"prompt[{i}] has token ids outside [0, {vocab_size})", param="prompt")
+            prompts.append(list(item))
         else:
             raise RequestError(f"prompt[{i}] must be a string or a list of token ids", param="prompt")
+    for i, ids in zip(texts, encode(tokenizer, list(texts.values()), add_bos=True)):
+        prompts[i] = ids
+    for i, ids in enumerate(prompts):
         if not ids:
             raise RequestError(f"prompt[{i}] is empty", param="prompt")
-        prompts.append(ids)
     return prompts
 
 
