@@ -42,10 +42,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.exceptions import HTTPException
+_EXTRA = "the HTTP server needs the 'serve' extra (fastapi, uvicorn): pip install 'r1lab[serve]'"
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+except ModuleNotFoundError as missing:
+    raise ModuleNotFoundError(f"{_EXTRA} ({missing})", name=missing.name) from None
 
 from r1lab.rollout import SamplingParams
 
@@ -578,10 +582,18 @@ def _usage(prompt_tokens: int, choices: Sequence[ChoiceStream]) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
+def _uvicorn() -> Any:
+    try:
+        import uvicorn
+    except ModuleNotFoundError as missing:
+        raise ModuleNotFoundError(f"{_EXTRA} ({missing})", name=missing.name) from None
+    return uvicorn
+
+
 def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 8000, *, device: str = "cpu",
           dtype: str = "auto", model_name: str | None = None, log_level: str = "info", **options: Any) -> None:
     """Load a model folder (None: the embedded default) and serve it with uvicorn until interrupted."""
-    import uvicorn
+    uvicorn = _uvicorn()
 
     from r1lab.model import DEFAULT_MODEL_DIR, load_model_and_tokenizer
 
@@ -609,7 +621,7 @@ class BackgroundServer:
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
         import socket
 
-        import uvicorn
+        uvicorn = _uvicorn()
 
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
