@@ -181,3 +181,42 @@ def test_r1lab_folders_and_transformers_configs_carry_every_required_field(saved
         cfg = json.loads((tmp_path / name / "config.json").read_text())
         need = REQUIRED_FIELDS["*"] + REQUIRED_FIELDS.get(model_type, ())
         assert set(need) <= set(cfg), (name, set(need) - set(cfg))
+
+
+# ----------------------------------------------------------------------------- GGUF sources
+def _tiny_gguf(path):
+    import numpy as np
+
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    rng = np.random.default_rng(0)
+    writer.add_tensor("token_embd.weight", rng.standard_normal((64, 32), dtype=np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(32, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_gguf_is_one_line_naming_it(tmp_path, damage):
+    from r1lab.model.gguf_import import import_gguf
+
+    path = _tiny_gguf(tmp_path / "m.gguf")
+    data = path.read_bytes()
+    rnd = random.Random(damage)
+    path.write_bytes({"truncated": data[: rnd.randrange(len(data) // 2, len(data) - 64)],
+                      "garbage": bytes(rnd.randrange(256) for _ in range(512)), "empty": b""}[damage])
+    with pytest.raises(InputError) as info:
+        import_gguf(str(path), tmp_path / "out")
+    assert "\n" not in str(info.value) and "m.gguf" in str(info.value) and "GGUF" in str(info.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_unknown_gguf_source_lists_the_known_ones(tmp_path):
+    from r1lab.model.gguf_import import import_gguf
+
+    with pytest.raises(InputError, match="unknown GGUF source 'qwen9'.*qwen2.5-coder-1.5b"):
+        import_gguf("qwen9", tmp_path / "out")

@@ -298,7 +298,7 @@ def import_gguf(source: str, out_dir: str | Path, dtype: str = "bfloat16", shard
         try:
             reader = GGUFReader(gguf)
         except (ValueError, OSError) as e:  # a truncated or foreign file
-            raise GGUFError(f"{gguf}: not a readable GGUF file ({e})") from None
+            raise GGUFError(f"{gguf}: not a readable GGUF file, truncated or damaged ({e})") from None
         tensors = {}
         for rt in reader.tensors:
             name = _hf_name(rt.name, gguf)
