@@ -38,7 +38,7 @@ PROMPT = ("Problem {i}: compute {a} + {b} - {c}. Think it through step by step i
 
 def _info(device: str):
     """A DistInfo for the FSDP path even with one process (torchrun gives RANK/WORLD_SIZE/LOCAL_RANK)."""
-    from r1lab.train.distributed import DistInfo
+    from r1lab.distributed import DistInfo
 
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -57,7 +57,7 @@ def run(a) -> dict | None:
     import r1lab.model as rm
     from r1lab.tokenizer import load_tokenizer
     from r1lab.train.grpo import GRPOConfig, TaskConfig, Trainer
-    from r1lab.train.run_dir import RunDir
+    from r1lab.run_dir import RunDir
 
     info = _info(a.device)
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
@@ -68,9 +68,9 @@ def run(a) -> dict | None:
     if info.is_main:
         model = rm.build(args, seed=0).train()  # fp32 on the CPU; shard_model broadcasts it to the others
     else:  # uninitialized storage on this rank's GPU, filled by that broadcast (no 2nd host copy of a 14B model)
-        from r1lab.train.distributed import _plain_model
+        from r1lab.model.hf_io import empty_model
 
-        model = _plain_model(args, info.device, torch.float32).train()
+        model = empty_model(args, info.device, torch.float32).train()
     prompts = [PROMPT.format(i=i, a=11 * i + 3, b=7 * i + 5, c=i + 2) for i in range(a.prompts)]
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "prompts.jsonl"

@@ -37,7 +37,7 @@ def bench_r1lab(model_dir: Path, steps: int, data: str) -> list[float]:
     from r1lab.tasks import Problem, Task
     from r1lab.tokenizer import load_tokenizer
     from r1lab.train.grpo import GRPOConfig, TaskConfig, Trainer
-    from r1lab.train.run_dir import RunDir
+    from r1lab.run_dir import RunDir
 
     tok = load_tokenizer(model_dir)
     model = rm.load(model_dir, dtype=torch.bfloat16, device="cuda").train()

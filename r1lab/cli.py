@@ -46,7 +46,7 @@ def import_gguf(
 def _processes(device: str):
     """The torchrun process group when launched by `torchrun -m r1lab ...` (one process per GPU), else a
     single-process DistInfo; the group is torn down on the way out."""
-    from r1lab.train import distributed as D
+    from r1lab import distributed as D
 
     info = D.init_distributed(device)
     try:
@@ -87,7 +87,7 @@ def _timestamped_run_dir(kind: str) -> Path:
 def _shared_run_dir(out: Optional[Path], kind: str, info) -> Path:
     """--out, else a timestamped directory named by rank 0 (under torchrun every rank must use rank 0's:
     the ranks' clocks may fall in different seconds)."""
-    from r1lab.train import distributed as D
+    from r1lab import distributed as D
 
     return Path(D.broadcast_object(str(out or _timestamped_run_dir(kind)), info))
 
@@ -104,7 +104,7 @@ def pretrain(
     Under `torchrun --nproc-per-node N -m r1lab pretrain ...` it trains sharded (FSDP2, docs/distributed.md)."""
     from r1lab.config import load_config, to_dict
     from r1lab.train.pretrain import PretrainConfig, pretrain as run
-    from r1lab.train.run_dir import RunDir
+    from r1lab.run_dir import RunDir
 
     cfg = load_config(PretrainConfig, recipe, ctx.args)
     with _processes(cfg.device) as info:
@@ -219,7 +219,7 @@ def zero(
     Extra arguments are dotted overrides, e.g. `grpo.steps=100 grpo.objective.beta=0.001 eval.k=16`."""
     from r1lab.config import load_config, to_dict
     from r1lab.pipeline.zero import ZeroConfig, print_table, run_zero
-    from r1lab.train.run_dir import RunDir
+    from r1lab.run_dir import RunDir
 
     overrides = list(ctx.args)
     overrides += [f"model={model}"] if model else []
@@ -251,7 +251,7 @@ def pipeline(
     (docs/distributed.md); a rerun with any process count skips the finished stages."""
     from r1lab.config import load_config, to_dict
     from r1lab.pipeline.r1 import Pipeline, PipelineConfig, print_stage_table
-    from r1lab.train.run_dir import RunDir
+    from r1lab.run_dir import RunDir
 
     cfg = load_config(PipelineConfig, recipe, list(ctx.args))
     with _processes(cfg.device) as info:
@@ -276,7 +276,9 @@ def eval_(
     temperature: float = typer.Option(0.6, min=0.0, help="R1 protocol: 0.6."),
     top_p: float = typer.Option(0.95, min=0.0, max=1.0, help="R1 protocol: 0.95 (0 < top_p <= 1)."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Default: what the context leaves, at most 32768."),
-    template: str = typer.Option("r1_zero", help="Prompt: r1_zero, chat, plain or a string with {question}."),
+    template: Optional[str] = typer.Option(
+        None, help="Prompt: r1_zero, chat, plain or a string with {question} (default: each benchmark's own, "
+                   "chat for humaneval, r1_zero for the others)."),
     force_think: bool = typer.Option(False, help="End prompts with an open <think> (for released R1 models)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
@@ -345,7 +347,7 @@ def main() -> None:
     import sys
 
     from r1lab.errors import InputError
-    from r1lab.train import distributed as D
+    from r1lab import distributed as D
 
     try:
         app()  # click's standalone mode ends with sys.exit, also on success

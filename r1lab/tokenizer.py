@@ -63,7 +63,10 @@ class Tokenizer:
     """An HF `tokenizers.Tokenizer` plus the special-token and chat-template knowledge r1lab needs.
 
     `encode` never inserts tokens on its own (the backend's post-processor is bypassed); a BOS token is
-    prepended only when asked with `add_bos=True` and the tokenizer has one.
+    prepended only when asked with `add_bos=True` and the tokenizer has one. `encode_prompt` is the one BOS
+    rule every prompt goes through (training, sampling, evaluation, serving): BOS first when this tokenizer
+    adds one to the text it encodes (its post-processor does, as Llama's and DeepSeek's do; Qwen's does
+    not) and the text does not already begin with it (chat templates write their own).
     """
 
     def __init__(
@@ -85,6 +88,16 @@ class Tokenizer:
         for role, token in (("eos_token", eos_token), ("pad_token", pad_token), ("bos_token", bos_token)):
             if token is not None and backend.token_to_id(token) is None:
                 raise ValueError(f"{role} {token!r} is not in the tokenizer's vocabulary")
+        self.adds_bos = self._post_processor_adds_bos()
+
+    def _post_processor_adds_bos(self) -> bool:
+        """Whether encoding with the backend's special tokens puts this tokenizer's BOS first."""
+        bos = self.bos_id
+        if bos is None:
+            return False
+        with_special = self.backend.encode("a", add_special_tokens=True).ids
+        return bool(with_special) and with_special[0] == bos and self.backend.encode(
+            "a", add_special_tokens=False).ids[:1] != [bos]
 
     # ----------------------------------------------------------------------------------------- ids
     @property
@@ -133,6 +146,10 @@ class Tokenizer:
         if add_bos and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         return ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Ids of a prompt, BOS first when the tokenizer adds one and the text does not already start with it."""
+        return self.encode(text, add_bos=self.adds_bos and not (self.bos_token and text.startswith(self.bos_token)))
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
         encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
@@ -223,7 +240,7 @@ class Tokenizer:
             "eos_token": self.eos_token,
             "pad_token": self.pad_token if self.pad_token is not None else self.eos_token,
             "bos_token": self.bos_token,
-            "add_bos_token": False,
+            "add_bos_token": self.adds_bos,
             "add_eos_token": False,
             # transformers would otherwise "clean up" spaces before punctuation and break round trips
             "clean_up_tokenization_spaces": False,

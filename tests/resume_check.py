@@ -9,7 +9,7 @@ from typing import Callable
 import pytest
 import torch
 
-from r1lab.train.run_dir import read_jsonl
+from r1lab.run_dir import read_jsonl
 
 
 class Crash(Exception):

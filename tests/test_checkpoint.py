@@ -15,7 +15,7 @@ from r1lab.tokenizer import load_tokenizer, train_bpe
 from r1lab.train import checkpoint as ckpt
 from r1lab.train.checkpoint import load_latest_checkpoint, restore, save_checkpoint
 from r1lab.train.logprobs import mtp_loss_sums
-from r1lab.train.run_dir import RunDir, read_jsonl
+from r1lab.run_dir import RunDir, read_jsonl
 
 
 def _objects(preset, seed):

@@ -7,7 +7,7 @@ import pytest
 
 from r1lab.cli import main
 from r1lab.config import ConfigError
-from r1lab.pipeline.r1 import ASSETS
+from r1lab.model import ASSETS_DIR as ASSETS
 
 
 def _run(monkeypatch, capsys, *args):
@@ -22,7 +22,7 @@ def _run(monkeypatch, capsys, *args):
     (["zero", "grpo.group_size=1"], "error: grpo in override 'grpo.group_size=1': group_size must be >= 2, got 1"),
     (["pipeline", "r1", "final_rl.rewards.accuracy=x"],
      "error: final_rl in override 'final_rl.rewards.accuracy=x': reward 'accuracy': weight must be a number"),
-    (["pipeline", "nosuch"], "error: unknown pipeline 'nosuch'; expected one of ['distill', 'r1', 'zero']"),
+    (["pipeline", "nosuch"], "error: unknown pipeline 'nosuch'; expected one of ['r1', 'zero']"),
     (["eval", "/no/such/model", "--bench", "chain_sum@3"], "error: model folder /no/such/model does not exist"),
 ])
 def test_bad_input_prints_the_message_and_exits_2(monkeypatch, capsys, tmp_path, args, message):

@@ -9,7 +9,7 @@ import pytest
 
 from r1lab.config import ConfigError, load_config, parse_value, to_dict
 from r1lab.train.grpo_math import Objective
-from r1lab.train.run_dir import RunDir
+from r1lab.run_dir import RunDir
 
 
 @dataclass
@@ -185,8 +185,8 @@ def test_r1lab_configs_reject_out_of_range_values_when_loaded():
 
     with pytest.raises(ConfigError, match=r"^final_rl in override 'final_rl.group_size=1': group_size must be >= 2"):
         load_config(PipelineConfig, None, ["final_rl.group_size=1"])
-    with pytest.raises(ConfigError, match=r"^PipelineConfig in override 'eval_k=0': eval_k must be >= 1"):
-        load_config(PipelineConfig, None, ["eval_k=0"])
+    with pytest.raises(ConfigError, match=r"^eval in override 'eval.k=0': k must be >= 1, got 0"):
+        load_config(PipelineConfig, None, ["eval.k=0"])
     with pytest.raises(ConfigError, match=r"^zero in override 'zero.top_p=2': top_p must be in \(0, 1\]"):
         load_config(PipelineConfig, None, ["zero.top_p=2"])
     with pytest.raises(ConfigError, match=r"^zero.objective in .*: clip_high must be > 0 or null, got -0.1"):

@@ -1,4 +1,4 @@
-"""Tests for r1lab.corpus: reasoning-gym parity, determinism, mixture shares, correctness of reasoning."""
+"""Tests for r1lab.tasks.corpus: reasoning-gym parity, determinism, mixture shares, correctness of reasoning."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from r1lab.corpus import (
+from r1lab.tasks.corpus import (
     CHAIN_SUM_QUESTION_RE,
     ChainProblem,
     CorpusConfig,

@@ -5,11 +5,11 @@ import json
 import pytest
 
 import r1lab.model as rm
-from r1lab.corpus import generate_cold_start, pretrain_texts
+from r1lab.tasks.corpus import generate_cold_start, pretrain_texts
 from r1lab.pipeline.distill import DistillConfig, distill, retemplate, retokenization_stats
 from r1lab.pipeline.rejection import FilterConfig
 from r1lab.tokenizer import train_bpe
-from r1lab.train.run_dir import read_jsonl
+from r1lab.run_dir import read_jsonl
 from r1lab.train.sft import SFTConfig, encode_example
 
 

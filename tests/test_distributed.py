@@ -12,7 +12,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from r1lab.train import distributed as D
+from r1lab import distributed as D
+from r1lab.train import batching as B
+from r1lab.train import checkpoint as C
+from r1lab.train import parallel as P
+from r1lab.train import step as S
 
 WORLD = 2
 
@@ -53,9 +57,9 @@ def _train_step(model, opt, seqs, masks, adv, info, total_tokens: float, scale: 
         loss = -(logp * row_adv * pack.loss_mask).sum() / total_tokens * scale
         loss.backward()
     for _ in range(n_passes - len(packs)):
-        D.dummy_backward(model, info)
-    norm = D.clip_grad_norm(model, 0.05)  # small: clipping is active, so the norm must be the global one
-    D.all_reduce_expert_loads(model, info)
+        S.dummy_backward(model, info)
+    norm = S.clip_grad_norm(model, 0.05)  # small: clipping is active, so the norm must be the global one
+    S.all_reduce_expert_loads(model, info)
     loads = [m.expert_load.clone() for m in model.moe_layers()]
     opt.step()
     model.update_router_bias(1e-2)
@@ -117,14 +121,14 @@ def _check(rank: int, port: int, preset_name: str, tmp: str) -> None:
 
     args = rm.preset(preset_name, moe_impl="loop") if "moe" in preset_name else rm.preset(preset_name)
     ref = rm.build(args, seed=3)
-    model = D.shard_model(copy.deepcopy(ref), info)
-    assert D.is_sharded(model)
+    model = P.shard_model(copy.deepcopy(ref), info)
+    assert P.is_sharded(model)
 
     # (d) rollout on the gathered weights: each rank its own prompts and lengths, no collective inside.
     prompts = [[5 + rank, 17, 3 + 2 * rank], [9, 9, 40 + rank, 2]][: 1 + rank]
     params = SamplingParams(temperature=0.0, max_new_tokens=6 + 4 * rank, n=1, stop_token_ids=[])
-    with D.gathered_for_rollout(model, info) as policy:
-        assert not D.is_sharded(policy)
+    with P.gathered_for_rollout(model, info) as policy:
+        assert not P.is_sharded(policy)
         got = [c.token_ids for c in generate(policy, prompts, params)]
     want = [c.token_ids for c in generate(ref, prompts, params)]
     assert got == want, (got, want)
@@ -133,7 +137,7 @@ def _check(rank: int, port: int, preset_name: str, tmp: str) -> None:
     seqs, masks, adv = _data(args.vocab_size)
     share = D.rank_share(list(range(len(seqs))), info, group_size=2)
     assert len(share) == len(seqs) // WORLD
-    D.check_whole_groups([i // 2 for i in share], 2)  # sequence i belongs to group i // 2
+    B.check_whole_groups([i // 2 for i in share], 2)  # sequence i belongs to group i // 2
     n_tok = sum(sum(m[1:]) for m in masks)
     local_tok = sum(sum(masks[i][1:]) for i in share)
     assert D.sum_across_ranks(local_tok, info) == n_tok
@@ -148,7 +152,7 @@ def _check(rank: int, port: int, preset_name: str, tmp: str) -> None:
         assert torch.equal(a, b), (a, b)
     ref_params = dict(ref.named_parameters())
     for name, p in model.named_parameters():
-        full = D._full(p.detach())
+        full = P.full_tensor(p.detach())
         assert torch.allclose(full, ref_params[name], atol=1e-5, rtol=0), (name, (full - ref_params[name]).abs().max())
     ref_bufs, moved = dict(ref.named_buffers()), 0.0
     for name, b in model.named_buffers():
@@ -160,7 +164,7 @@ def _check(rank: int, port: int, preset_name: str, tmp: str) -> None:
     # (b) expert loads are summed over ranks.
     for m in model.moe_layers():
         m.expert_load.fill_(rank + 1.0)
-    D.all_reduce_expert_loads(model, info)
+    S.all_reduce_expert_loads(model, info)
     for m in model.moe_layers():
         assert torch.equal(m.expert_load, torch.full_like(m.expert_load, sum(range(1, WORLD + 1))))
         m.expert_load.zero_()
@@ -171,28 +175,28 @@ def _check(rank: int, port: int, preset_name: str, tmp: str) -> None:
     assert merged == {"reward": 0.5, "len_max": 10.0, "tokens_per_s": 10.0, "only0": 3.0}, merged
 
     # (c) one consolidated HF folder, written by rank 0, that load() reads back to the reference's logits.
-    out = D.save_consolidated(model, info, os.path.join(tmp, "hf"))
+    out = C.save_consolidated(model, info, os.path.join(tmp, "hf"))
     assert out is not None and (out / "config.json").is_file()
-    assert D.consolidated_state_dict(model, info) is None or info.is_main
+    assert C.consolidated_state_dict(model, info) is None or info.is_main
     loaded = rm.load(os.path.join(tmp, "hf"))
     ids = torch.tensor([[1, 5, 9, 33, 2, 7, 100]])
     with torch.no_grad():
         assert torch.allclose(loaded(ids), ref.eval()(ids), atol=1e-5, rtol=0)
 
     # minibatches: the same count on every rank, even for a rank left with no groups
-    plan = D.minibatch_plan(3 if rank == 0 else 0, 2, 4, info)
+    plan = B.minibatch_plan(3 if rank == 0 else 0, 2, 4, info)
     assert len(plan) == 4 and (plan == [[]] * 4 if rank else sorted(sum(plan, [])) == list(range(6))), plan
-    plan = D.minibatch_plan(1 + 3 * rank, 2, 4, info)  # 2 and 8 completions: 2 steps on both ranks
+    plan = B.minibatch_plan(1 + 3 * rank, 2, 4, info)  # 2 and 8 completions: 2 steps on both ranks
     assert len(plan) == 2 and sorted(sum(plan, [])) == list(range(2 + 6 * rank)), plan
 
     # trainer checkpoint: consolidated HF folder + sharded model/optimizer, resumed by one process below
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
     sched.step()
-    ckpt = D.save_checkpoint(tmp, 1, model, opt, sched, info, extra_state={"cursor": 5}, keep_last=2)
+    ckpt = C.save_checkpoint(tmp, 1, model, opt, sched, {"cursor": 5}, keep_last=2, info=info)
     assert ckpt.name == "step_000001" and (ckpt / "model" / "config.json").is_file()
-    fresh = D.shard_model(rm.build(args, seed=99), info, sync_from_rank0=False)  # resume, same world size
+    fresh = P.shard_model(rm.build(args, seed=99), info, sync_from_rank0=False)  # resume, same world size
     fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.5, momentum=0.9)
-    assert D.restore_checkpoint(ckpt, fresh, fresh_opt, None, info) == {"cursor": 5, "step": 1}
+    assert C.restore_checkpoint(ckpt, fresh, fresh_opt, None, info) == {"cursor": 5, "step": 1}
     for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
         assert torch.equal(p.to_local(), q.to_local()), name
     if info.is_main:
@@ -217,7 +221,7 @@ def test_two_process_fsdp_matches_single_process(preset_name, tmp_path):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
     found = load_latest_checkpoint(tmp_path)
     assert found is not None and found[0] == 1
-    extra = D.restore_checkpoint(found[1], model, opt, sched, D.single_process())
+    extra = C.restore_checkpoint(found[1], model, opt, sched, D.single_process())
     assert extra == {"cursor": 5, "step": 1}
     assert sched.last_epoch == 1
     want = torch.load(tmp_path / "ref.pt")
@@ -242,11 +246,11 @@ def test_rank_share_whole_groups():
 
 
 def test_check_whole_groups():
-    D.check_whole_groups([0, 0, 1, 1, 2, 2], 2)
+    B.check_whole_groups([0, 0, 1, 1, 2, 2], 2)
     with pytest.raises(AssertionError):
-        D.check_whole_groups([0, 0, 1], 2)
+        B.check_whole_groups([0, 0, 1], 2)
     with pytest.raises(AssertionError):
-        D.check_whole_groups([0, 1, 1, 0], 2)
+        B.check_whole_groups([0, 1, 1, 0], 2)
 
 
 def test_single_process_is_a_no_op(tmp_path, monkeypatch):
@@ -255,12 +259,12 @@ def test_single_process_is_a_no_op(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     info = D.init_distributed("cpu")
     assert not info.is_distributed and info.world_size == 1 and info.is_main
-    model = D.shard_model(rm.build(rm.preset("tiny-dense")), info)
-    with D.gathered_for_rollout(model, info) as policy:
+    model = P.shard_model(rm.build(rm.preset("tiny-dense")), info)
+    with P.gathered_for_rollout(model, info) as policy:
         assert policy is model
     assert D.all_reduce_metrics({"a": 1.0}, info) == {"a": 1.0}
     assert D.max_across_ranks(3, info) == 3
-    out = D.save_consolidated(model, info, tmp_path / "hf")
+    out = C.save_consolidated(model, info, tmp_path / "hf")
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         assert torch.equal(rm.load(out)(ids), model.eval()(ids))
@@ -268,7 +272,7 @@ def test_single_process_is_a_no_op(tmp_path, monkeypatch):
 
 _EXIT_SCRIPT = """
 import atexit, sys
-from r1lab.train import distributed as D
+from r1lab import distributed as D
 D.init_distributed("cpu")  # R1LAB_FSDP=1: a 1-process gloo group
 atexit.register(lambda: print("atexit ran"))
 sys.stdout.write("buffered;")  # a pipe: block-buffered, lost unless flushed

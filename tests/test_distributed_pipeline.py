@@ -15,12 +15,12 @@ import torch
 from test_distributed import join_group, spawn_ranks
 
 import r1lab.model as rm
-from r1lab.pipeline.r1 import METRICS, STAGES
+from r1lab.pipeline.r1 import METRICS, PIPELINES
 
 ASSETS = Path(rm.__file__).parents[1] / "assets"
 RL = ("zero", "reasoning_rl", "final_rl")
 TINY = ([f"{s}.steps=2" for s in RL] + [f"{s}.prompts_per_step=4" for s in RL] + [f"{s}.group_size=4" for s in RL]
-        + ["rejection_prompts=20", "reward_model_pairs=50", "eval_k=2", "task.test_size=10", "task.train_size=64",
+        + ["traces.prompts=20", "reward_model.pairs=50", "eval.k=2", "task.test_size=10", "task.train_size=64",
            "cold_start_examples=10"])
 TEST_SIZE = 10
 
@@ -42,7 +42,7 @@ def _lines(path: Path) -> list[dict]:
 def test_torchrun_pipeline_then_rerun_in_one_process_skips_every_stage(tmp_path):
     out = tmp_path / "run"
     proc = _pipeline(out, nproc=2)
-    stages = STAGES["r1"]
+    stages = PIPELINES["r1"]
     assert proc.stdout.count("[stage zero] running") == 1  # rank 0 alone prints
     assert proc.stdout.count("r1lab pipeline r1: held-out") == 1
 
@@ -67,7 +67,7 @@ def test_torchrun_pipeline_then_rerun_in_one_process_skips_every_stage(tmp_path)
     # the reward model: trained data-parallel, written once; the traces: gathered, then filtered
     assert json.loads((out / "reward_model" / "summary.json").read_text())["world_size"] == 2
     assert [m["step"] for m in _lines(out / "reward_model" / "metrics.jsonl")] == [0, 1]
-    for tag in ("cold_start", "rejection_sft", "distill"):
+    for tag in ("cold_start", "rejection_sft", "distill_student"):
         stats = json.loads((out / "data" / f"{tag}.stats.json").read_text())
         assert stats["prompts"] == 20 and stats["samples"] == 20 * 4
         records = _lines(out / "data" / f"{tag}.jsonl")

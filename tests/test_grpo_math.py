@@ -13,8 +13,7 @@ from r1lab.train.grpo_math import (
     k3_kl,
     overlong_filter_mask,
     policy_loss,
-    soft_overlong_penalty,
-    truncated_is_weights,
+    register_aggregation,
 )
 from r1lab.train.logprobs import entropy_from_logits
 
@@ -209,15 +208,25 @@ def test_micro_batch_shares_sum_to_full_batch_loss(aggregation):
     assert close(sum(parts), full)
 
 
-def test_is_weights_and_advantage_per_token():
+def test_advantage_per_token_equals_broadcast():
     logp, old, adv, mask = _setup()
     base, _ = policy_loss(logp, old, adv, mask, aggregation="token_mean")
-    half, _ = policy_loss(logp, old, adv, mask, aggregation="token_mean", is_weights=torch.full((2, 3), 0.5))
-    assert close(half, base / 2)
     per_token, _ = policy_loss(logp, old, adv[:, None].expand(2, 3), mask, aggregation="token_mean")
     assert close(per_token, base)
-    w = truncated_is_weights(torch.tensor([0.0, 0.0]), torch.tensor([math.log(0.5), math.log(4.0)]), cap=2.0)
-    assert close(w, [2.0, 0.25])
+
+
+def test_a_registered_aggregation_is_selectable_by_name():
+    logp, old, adv, mask = _setup()
+
+    @register_aggregation("test_token_sum")
+    def token_sum(per_token, m, **_):
+        return (per_token * m).sum()
+
+    total, _ = policy_loss(logp, old, adv, mask, aggregation="test_token_sum")
+    mean, _ = policy_loss(logp, old, adv, mask, aggregation="token_mean")
+    assert close(total, mean * mask.sum())
+    with pytest.raises(ValueError, match="unknown aggregation 'nope'"):
+        policy_loss(logp, old, adv, mask, aggregation="nope")
 
 
 def test_objective_presets_feed_policy_loss():
@@ -242,14 +251,22 @@ def test_dynamic_sampling_filter():
     assert keep.tolist() == [False, False, True, True, False]  # round-off is "equal"; a singleton is dropped
 
 
-def test_overlong_filter_and_soft_penalty():
+def test_overlong_filter_and_the_soft_penalty_as_a_reward_term():
+    from r1lab.config import ConfigError
+    from r1lab.rewards import compose_rewards
+    from r1lab.tasks import Problem
+    from r1lab.train.grpo import GRPOConfig
+
     assert overlong_filter_mask(["stop", "length", "stop"]).tolist() == [True, False, True]
+    cfg = GRPOConfig(max_new_tokens=20, objective=Objective(soft_overlong_cache=4), rewards={"format": 1.0})
+    spec = cfg.reward_spec()
+    assert spec["overlong"] == {"weight": 1.0, "max_len": 20, "cache_len": 4}
     # max 20, cache 4: free up to 16, then (16 - L) / 4, beyond 20 → -1
-    p = soft_overlong_penalty([10, 16, 18, 20, 21], max_len=20, cache_len=4)
-    assert close(p, [0, 0, -0.5, -1, -1])
-    assert close(soft_overlong_penalty(torch.tensor([20, 21]), 20, 0), [0, -1])
-    with pytest.raises(ValueError):
-        soft_overlong_penalty([1], 10, 11)
+    reward = compose_rewards({"overlong": spec["overlong"]})
+    assert [reward("x", Problem("q", "1"), length=n)["total"] for n in (10, 16, 18, 20, 21)] == [0, 0, -0.5, -1, -1]
+    assert "overlong" not in GRPOConfig(rewards={"format": 1.0}).reward_spec()
+    with pytest.raises(ConfigError, match="soft_overlong_cache=4096 must be <= max_new_tokens=128"):
+        GRPOConfig(max_new_tokens=128, objective=Objective.preset("dapo"))
 
 
 def test_entropy_from_logits():

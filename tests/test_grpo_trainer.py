@@ -2,11 +2,11 @@
 
 import pytest
 
-from r1lab.pipeline.r1 import ASSETS
+from r1lab.model import ASSETS_DIR as ASSETS
 from r1lab.model import load_model_and_tokenizer
 from r1lab.train.grpo import GRPOConfig, TaskConfig, Trainer
 from r1lab.train.grpo_math import Objective
-from r1lab.train.run_dir import RunDir
+from r1lab.run_dir import RunDir
 
 
 @pytest.mark.parametrize("temperature,beta", [(1.0, 0.0), (0.7, 0.0), (1.4, 0.05)])

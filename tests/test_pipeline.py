@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-TINY = ["zero.steps=3", "reasoning_rl.steps=2", "final_rl.steps=2", "cold_start_examples=8", "rejection_prompts=8",
-        "reward_model_pairs=32", "eval_k=2", "task.test_size=8", "zero.save_every=1"]
+TINY = ["zero.steps=3", "reasoning_rl.steps=2", "final_rl.steps=2", "cold_start_examples=8", "traces.prompts=8",
+        "reward_model.pairs=32", "eval.k=2", "task.test_size=8", "zero.save_every=1"]
 
 
 def _cmd(out):

@@ -6,7 +6,7 @@ import pytest
 
 import r1lab.model as rm
 import r1lab.rollout
-from r1lab.corpus import pretrain_texts
+from r1lab.tasks.corpus import pretrain_texts
 from r1lab.pipeline.rejection import (
     REJECTION_REASONS,
     Candidate,
@@ -28,7 +28,7 @@ from r1lab.pipeline.rejection import (
 from r1lab.rollout import Completion
 from r1lab.tasks import Problem
 from r1lab.tokenizer import train_bpe
-from r1lab.train.run_dir import read_jsonl
+from r1lab.run_dir import read_jsonl
 
 
 GOOD = "<think> Start with 2. Add 3: 2 + 3 = 5. So the answer is 5. </think> <answer> 5 </answer>"
@@ -131,8 +131,8 @@ def test_end_to_end_with_a_tiny_model(tok, tmp_path):
     relaxed = FilterConfig(require_format=False, language_threshold=0.0, max_paragraph_chars=None,
                            reject_code_blocks=False, reject_truncated=False, max_per_prompt=2)
 
-    def even_length(problem, completion):
-        return float(len(completion) % 2 == 0)
+    def even_length(problem, completion):  # records hold the completion without its leading whitespace
+        return float(len(completion.lstrip()) % 2 == 0)
 
     def run():
         return rejection_sample(model, tok, problems, k=4, temperature=1.0, max_new_tokens=12, scorer=even_length,

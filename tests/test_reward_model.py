@@ -8,7 +8,7 @@ import torch
 from resume_check import assert_resume_after_crash_equals_uninterrupted
 
 import r1lab.model as rm
-from r1lab.corpus import pretrain_texts
+from r1lab.tasks.corpus import pretrain_texts
 from r1lab.rewards import compose_rewards, format_reward, is_mixed_language
 from r1lab.tasks import Problem
 from r1lab.tokenizer import train_bpe
@@ -21,7 +21,7 @@ from r1lab.train.reward_model import (
     make_preference_pairs,
     train_reward_model,
 )
-from r1lab.train.run_dir import read_jsonl
+from r1lab.run_dir import read_jsonl
 
 WORDS = "red blue green cat dog sun tree fish bird".split()
 MARKER = "moon"

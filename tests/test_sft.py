@@ -12,7 +12,7 @@ from r1lab.rollout import SamplingParams, generate
 from r1lab.tokenizer import train_bpe
 from r1lab.train.batching import pack_sequences
 from r1lab.train.logprobs import mtp_loss_sums
-from r1lab.train.run_dir import read_jsonl
+from r1lab.run_dir import read_jsonl
 from r1lab.train.sft import (
     SFTConfig,
     encode_dataset,

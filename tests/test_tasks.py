@@ -332,8 +332,9 @@ def test_chat_prompt_appends_the_math_instruction():
     assert text == ("<|user|>What is 2+2?\nPlease reason step by step, and put your final answer "
                     "within \\boxed{}.<|assistant|>")
     assert MATH_INSTRUCTION in text
-    forced = chat_prompt("Q", fake_chat_template, force_think=True)
+    forced = render_prompt("chat", "Q", apply_chat_template=fake_chat_template, force_think=True)
     assert forced.endswith("<|assistant|><think>\n")
+    assert render_prompt("r1_zero", "Q", force_think=True).endswith("Assistant: <think>")
     with pytest.raises(ValueError, match="apply_chat_template"):
         render_prompt("chat", "Q")
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from r1lab.corpus import generate_cold_start, generate_corpus, make_document
+from r1lab.tasks.corpus import generate_cold_start, generate_corpus, make_document
 from r1lab.tokenizer import (
     CHATML_TEMPLATE,
     REASONING_TAGS,

@@ -1,5 +1,6 @@
 """R1-protocol evaluation: pass@1 over k samples, unbiased pass@k, cons@k (majority vote), and the HTML
-run report. ``write_report`` imports matplotlib only when it draws, so importing this package is cheap."""
+run report, and the sample-and-score loop they and rejection sampling share. ``write_report`` imports matplotlib
+only when it draws, so importing this package is cheap."""
 
 from r1lab.eval.metrics import (
     MathVerifyEquivalence,
@@ -12,16 +13,23 @@ from r1lab.eval.metrics import (
     summarize,
 )
 from r1lab.eval.report import reflection_word_frequency, write_report
+from r1lab.eval.runner import EvalConfig, evaluate, evaluate_benchmarks
+from r1lab.eval.sampling import SampledProblem, sample_and_score
 
 __all__ = [
+    "EvalConfig",
     "MathVerifyEquivalence",
+    "SampledProblem",
     "cons_at_k",
+    "evaluate",
+    "evaluate_benchmarks",
     "group_answers",
     "majority_index",
     "majority_vote",
     "pass_at_1",
     "pass_at_k",
     "reflection_word_frequency",
+    "sample_and_score",
     "summarize",
     "write_report",
 ]

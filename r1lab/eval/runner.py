@@ -28,39 +28,46 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from r1lab.config import ConfigError
+from r1lab import distributed as D
+from r1lab.config import ConfigError, check_ranges
 from r1lab.eval.metrics import group_answers, majority_index, summarize
-from r1lab.rewards import accuracy_reward, extract_answer, extract_code, format_reward, is_mixed_language
-from r1lab.tasks import MATH_INSTRUCTION, Problem, Task, load_task, render_prompt
+from r1lab.eval.sampling import SampledProblem, Scorer, sample_and_score, sampled_tokens
+from r1lab.rewards import extract_answer, extract_code, format_reward, is_mixed_language
+from r1lab.tasks import Problem, Task, as_task, available_tasks, load_task
 
-__all__ = ["BenchSpec", "evaluate", "evaluate_benchmarks", "parse_bench", "print_summary"]
+__all__ = ["BenchSpec", "EvalConfig", "evaluate", "evaluate_benchmarks", "parse_bench", "print_summary"]
 
-# Prefix that opens the thought when force_think is on, and how it reads as part of the completion.
-_FORCED_PREFIX = {"chat": "<think>\n", "r1_zero": " <think>"}
 DEFAULT_PROCEDURAL_SIZE = 100
 MAX_EVAL_NEW_TOKENS = 32768  # R1's generation limit for every benchmark (reference §1.8)
 
-Scorer = Callable[[Problem, str], float]
+
+@dataclass
+class EvalConfig:
+    """How a held-out set is evaluated during training runs (`r1lab zero`, every pipeline stage): R1's protocol."""
+
+    k: int = 8
+    """Samples per held-out question (pass@1 is their mean; R1 uses 4-64)."""
+    temperature: float = 0.6
+    """R1's evaluation temperature."""
+    top_p: float = 0.95
+    """R1's evaluation nucleus."""
+    max_new_tokens: int = 160
+    """Completion limit at evaluation."""
+    seed: int = 1234
+    """Question i is sampled with seed + i."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, at_least={"k": 1, "max_new_tokens": 1, "temperature": 0}, unit=("top_p",))
+
+    def sampling(self) -> dict[str, Any]:
+        """evaluate()'s keyword arguments for these settings."""
+        return {"k": self.k, "temperature": self.temperature, "top_p": self.top_p,
+                "max_new_tokens": self.max_new_tokens, "seed": self.seed}
 
 
 # --------------------------------------------------------------------------------------------------------
 # One problem set
 # --------------------------------------------------------------------------------------------------------
-
-
-def _default_scorer(problem: Problem, completion: str) -> float:
-    return accuracy_reward(completion, problem.gold)
-
-
-def _render(template: str, question: str, tokenizer: Any, instruction: str | None,
-            force_think: bool) -> tuple[str, str]:
-    """(prompt text, forced prefix of the completion: "" unless force_think)."""
-    prompt = render_prompt(template, question, apply_chat_template=tokenizer.apply_chat_template,
-                           instruction=instruction)
-    if not force_think:
-        return prompt, ""
-    prefix = _FORCED_PREFIX.get(template, "<think>\n")
-    return prompt + prefix, prefix.lstrip()
 
 
 def _vote_key(problem: Problem, completion: str) -> str | None:
@@ -75,21 +82,15 @@ def _exact(a: str, b: str) -> bool:
     return a.strip() == b.strip()
 
 
-def _score_item(index: int, problem: Problem, texts: list[str], lengths: list[int], reasons: list[str],
-                scorer: Scorer) -> dict:
+def _item_record(sampled: SampledProblem) -> dict:
     """The per-question record: completions, scores, correctness, answers, lengths, format, language, vote."""
-    scores = []
-    for text in texts:
-        try:
-            scores.append(float(scorer(problem, text)))
-        except ValueError as error:  # a malformed gold: name the problem instead of failing deep inside
-            raise ValueError(f"problem {index} ({problem.question[:60]!r}): {error}") from error
+    problem, texts, scores = sampled.problem, sampled.texts, sampled.scores
     correct = [s >= 1.0 for s in scores]
     votes = [_vote_key(problem, t) for t in texts]
     equivalent = _exact if problem.tests is not None else None
     winner = majority_index(votes, equivalent)
     return {
-        "index": index,
+        "index": sampled.index,
         "question": problem.question,
         "gold": problem.gold,
         "completions": texts,
@@ -97,8 +98,8 @@ def _score_item(index: int, problem: Problem, texts: list[str], lengths: list[in
         "correct": correct,
         "answers": votes,
         "answer_classes": len(group_answers(votes, equivalent)),
-        "lengths": lengths,
-        "finish_reasons": reasons,
+        "lengths": sampled.token_counts,
+        "finish_reasons": sampled.finish_reasons,
         "format_ok": [format_reward(t) == 1.0 for t in texts],
         "mixed_language": [is_mixed_language(t) for t in texts],
         "cons_answer": None if winner is None else votes[winner],
@@ -106,93 +107,57 @@ def _score_item(index: int, problem: Problem, texts: list[str], lengths: list[in
     }
 
 
-def evaluate(model: Any, tokenizer: Any, problems: Task | Sequence[Problem], *, template: str = "r1_zero",
+def evaluate(model: Any, tokenizer: Any, problems: Task | Sequence[Problem], *, template: str | None = None,
              k: int = 4, temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int | None = None,
              seed: int = 0, scorer: Scorer | None = None, batch: int | None = None, progress: bool = True,
-             force_think: bool = False, instruction: str | None = None, out_path: str | Path | None = None,
-             name: str | None = None, console: Any = None, print_table: bool | None = None,
+             force_think: bool = False, out_path: str | Path | None = None, name: str | None = None,
+             console: Any = None, print_table: bool | None = None,
              dist: Any = None) -> tuple[dict[str, Any], list[dict]]:
     """Sample k completions of every problem and score them; returns (summary, per-item records).
 
-    problems: a Task (its scorer and answer instruction are used) or a list of Problems (scored with
-        math-verify accuracy against `gold` unless `scorer` is given).
-    template: "r1_zero", "chat" (the tokenizer's chat template, user turn = question + instruction),
-        "plain" or a string with {question}. force_think ends the prompt with an open <think> block
-        (DeepSeek's advice for released R1 models); the opening tag is then scored as part of the completion.
+    problems: a Task (its prompt template, answer instruction and verifier are used) or a list of Problems
+        (scored with math-verify accuracy against `gold`, or their tests, unless `scorer` is given).
+    template: None (the task's own: r1_zero for math tasks, chat for HumanEval), "r1_zero", "chat" (the
+        tokenizer's chat template, user turn = question + instruction), "plain" or a string with {question}.
+        force_think ends the prompt with an open <think> block (DeepSeek's advice for released R1 models);
+        the opening tag is then scored as part of the completion.
     max_new_tokens: None → what the context leaves after the longest prompt, at most 32768 (R1's limit).
-    batch: questions per generate() call (None: enough for ~512 samples on CUDA, ~64 on CPU); the rollout
-        engine batches continuously inside a call, batches only pace the progress bar.
+    batch: questions per generate() call (eval.sampling.sample_and_score).
     out_path: write the per-item records there as JSONL. print_table (default: = progress) prints a table.
-    dist: a r1lab.train.distributed.DistInfo under torchrun: each rank samples its contiguous share of the
+    dist: a r1lab.distributed.DistInfo under torchrun: each rank samples its contiguous share of the
         problems on its own (unsharded) `model`, the items are gathered, and every rank returns the same
         summary and records; only rank 0 writes out_path, prints and shows progress. Every rank must call it.
 
     The summary has pass@1, pass@k (unbiased, k = samples per question), cons@k, k, n_questions,
     response_length, format_rate, mixed_language_rate, truncated_rate, mean_score, answered_rate and timing.
     """
-    from r1lab.rollout import SamplingParams, generate
-
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    if isinstance(problems, Task):
-        scorer = scorer or problems.score
-        instruction = instruction if instruction is not None else problems.instruction
-        name = name or problems.name
-        problems = problems.problems
-    problems = list(problems)
-    if not problems:
+    task = as_task(problems, name=name or "eval")
+    if not task.problems:
         raise ValueError("evaluate needs at least one problem")
-    scorer = scorer or _default_scorer
-    instruction = instruction if instruction is not None else MATH_INSTRUCTION
-    name = name or "eval"
-
-    rendered = [_render(template, p.question, tokenizer, instruction, force_think) for p in problems]
-    add_bos = template != "chat"  # chat templates place their own BOS
-    prompt_ids = [tokenizer.encode(text, add_bos=add_bos) for text, _ in rendered]
-    room = model.args.max_position_embeddings - max(len(ids) for ids in prompt_ids)
+    name = name or task.name
+    info = dist or D.single_process()
+    prompts = [task.prompt(p, tokenizer, template, force_think=force_think) for p in task.problems]
+    prompt_lengths = [len(p.ids) for p in prompts]
+    room = model.args.max_position_embeddings - max(prompt_lengths)
     if max_new_tokens is None:
         max_new_tokens = min(MAX_EVAL_NEW_TOKENS, room)
     if max_new_tokens < 1 or max_new_tokens > room:
         raise ValueError(f"max_new_tokens={max_new_tokens} does not fit: the longest prompt has "
-                         f"{max(map(len, prompt_ids))} tokens and the model {model.args.max_position_embeddings} "
+                         f"{max(prompt_lengths)} tokens and the model {model.args.max_position_embeddings} "
                          "positions")
-    stop = sorted(set(tokenizer.stop_ids) | set(model.args.stop_token_ids))
-    cuda = model.lm_head.weight.is_cuda
-    batch = batch or max(1, (512 if cuda else 64) // k)
-
-    from r1lab.train import distributed as D
-
-    info = dist or D.single_process()
-    lo, hi = D.share_bounds(len(problems), info)  # all of them in one process
     progress = progress and info.is_main
     print_table = (print_table if print_table is not None else progress) and info.is_main
-    items: list[dict] = []
-    generated_tokens, start = 0, time.perf_counter()
+    lo, hi = D.share_bounds(len(task.problems), info)
+    start = time.perf_counter()
     with _progress_bar(progress, console, name, hi - lo) as advance:
-        for first in range(lo, hi, batch):
-            chunk = prompt_ids[first:min(first + batch, hi)]
-            params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                    stop_token_ids=stop, n=k, seed=seed + first)
-            completions = generate(model, chunk, params)
-            for offset in range(len(chunk)):
-                index = first + offset
-                samples = completions[offset * k:(offset + 1) * k]
-                texts, lengths, reasons = [], [], []
-                for c in samples:
-                    ids = c.token_ids[:-1] if c.finish_reason == "stop" and c.token_ids and c.token_ids[-1] in stop \
-                        else c.token_ids
-                    texts.append(rendered[index][1] + tokenizer.decode(ids, skip_special_tokens=True))
-                    lengths.append(len(c.token_ids))
-                    reasons.append(c.finish_reason)
-                generated_tokens += sum(lengths)
-                items.append(_score_item(index, problems[index], texts, lengths, reasons, scorer))
-            advance(len(chunk))
-    seconds = time.perf_counter() - start
-    # every rank's items, in problem order (shares are contiguous and in rank order)
-    shares = D.all_gather_objects((items, generated_tokens, seconds), info)
-    items = [item for share, _, _ in shares for item in share]
-    generated_tokens = sum(n for _, n, _ in shares)
-    seconds = max(s for _, _, s in shares)
+        sampled = sample_and_score(model, tokenizer, task, k=k, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_p=top_p, seed=seed, template=template,
+                                   force_think=force_think, scorer=scorer, batch=batch, dist=info,
+                                   prompts=prompts, on_progress=advance)
+    seconds = max(D.all_gather_objects(time.perf_counter() - start, info))
+    items = [_item_record(s) for s in sampled]
 
     summary: dict[str, Any] = dict(summarize(items))
     samples = [r for item in items for r in item["finish_reasons"]]
@@ -201,7 +166,7 @@ def evaluate(model: Any, tokenizer: Any, problems: Task | Sequence[Problem], *, 
     summary["answered_rate"] = sum(a is not None for item in items for a in item["answers"]) / len(samples)
     summary["temperature"], summary["top_p"], summary["max_new_tokens"] = temperature, top_p, max_new_tokens
     summary["seconds"] = round(seconds, 3)
-    summary["tokens_per_second"] = round(generated_tokens / max(seconds, 1e-9), 1)
+    summary["tokens_per_second"] = round(sampled_tokens(sampled) / max(seconds, 1e-9), 1)
 
     if out_path is not None and info.is_main:
         _write_jsonl(Path(out_path), items)
@@ -327,13 +292,13 @@ def parse_bench(spec: str | dict | BenchSpec) -> BenchSpec:
 
 def _load_bench(bench: BenchSpec, seed: int) -> Task:
     kind = bench.task.partition(":")[0]
-    fixed = kind in ("jsonl", "parquet") or bench.task in ("humaneval", "champ")
+    fixed = kind in ("jsonl", "parquet") or bench.task in available_tasks()  # whole sets unless sized
     size = bench.size if bench.size is not None or fixed else DEFAULT_PROCEDURAL_SIZE
     return load_task(bench.task, split="test", size=size, seed=seed, **bench.options)
 
 
 def evaluate_benchmarks(model: Any, benches: Sequence[str | dict | BenchSpec], out_dir: str | Path, *,
-                        tokenizer: Any = None, template: str = "r1_zero", k: int = 4, temperature: float = 0.6,
+                        tokenizer: Any = None, template: str | None = None, k: int = 4, temperature: float = 0.6,
                         top_p: float = 0.95, max_new_tokens: int | None = None, seed: int = 0,
                         force_think: bool = False, device: str = "cpu", dtype: str = "auto",
                         progress: bool = True, console: Any = None, dist: Any = None) -> dict[str, dict]:
@@ -341,16 +306,16 @@ def evaluate_benchmarks(model: Any, benches: Sequence[str | dict | BenchSpec], o
 
     model: an HF folder path (None: the embedded default) or a loaded model (then pass `tokenizer`).
     Each bench is held out ("test" split): reasoning-gym tasks use their disjoint held-out split (size
-    default 100), files and evaluation sets are used whole unless a size is given. HumanEval is prompted
-    with the chat template and the code instruction and scored in the sandbox; the others use `template`.
+    default 100), files and evaluation sets are used whole unless a size is given. template None poses each
+    benchmark its own way (HumanEval: the chat template and the code instruction, scored in the sandbox;
+    math tasks: the R1-Zero template); a template given applies to every benchmark.
     Writes out_dir/eval/<bench>.jsonl, out_dir/config.yaml, out_dir/summary.json ({"benchmarks": {...}}
     plus flat "<bench>/<metric>" numbers) and out_dir/report.html.
     dist (under torchrun): each rank loads the model on its own GPU and samples its share of every
     benchmark's questions; rank 0 writes the files and prints.
     """
     from r1lab.eval.report import write_report
-    from r1lab.train import distributed as D
-    from r1lab.train.run_dir import RunDir
+    from r1lab.run_dir import RunDir
 
     info = dist or D.single_process(device)
     model_label = "model"
@@ -384,9 +349,8 @@ def evaluate_benchmarks(model: Any, benches: Sequence[str | dict | BenchSpec], o
     summaries: dict[str, dict] = {}
     for spec in specs:
         task = _load_bench(spec, seed)
-        bench_template = "chat" if spec.task == "humaneval" else template
         summaries[spec.name], _ = evaluate(
-            model, tokenizer, task, template=bench_template, k=k, temperature=temperature, top_p=top_p,
+            model, tokenizer, task, template=template, k=k, temperature=temperature, top_p=top_p,
             max_new_tokens=max_new_tokens, seed=seed, progress=progress, force_think=force_think,
             out_path=run.path / "eval" / f"{spec.name}.jsonl", name=spec.name, console=console,
             print_table=False, dist=info)

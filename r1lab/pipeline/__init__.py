@@ -14,7 +14,6 @@ from .rejection import (
     FilterConfig,
     RejectionConfig,
     RejectionResult,
-    default_scorer,
     failed_filters,
     filter_records,
     has_bad_format,
@@ -31,7 +30,7 @@ from .rejection import (
 
 __all__ = [
     "REJECTION_REASONS", "Candidate", "DistillConfig", "DistillResult", "FilterConfig", "RejectionConfig",
-    "RejectionResult", "default_scorer", "distill", "failed_filters", "filter_records", "has_bad_format",
+    "RejectionResult", "distill", "failed_filters", "filter_records", "has_bad_format",
     "has_code_block", "has_long_paragraph", "has_mixed_language", "normalize_for_dedup", "paragraphs",
     "rejection_sample", "retemplate", "retokenization_stats", "run_rejection", "select", "write_jsonl",
 ]

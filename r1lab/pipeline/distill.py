@@ -18,16 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
-
 import r1lab.model as rm
+from r1lab import distributed as D
 from r1lab.config import ConfigError
-from r1lab.pipeline.rejection import SamplingSpec, filter_records, rejection_sample, write_jsonl
-from r1lab.tokenizer import Tokenizer, load_tokenizer
-from r1lab.train import distributed as D
 from r1lab.fsutil import atomic_write_text
-from r1lab.train.run_dir import RunDir, read_jsonl
-from r1lab.train.sft import SFTConfig, load_model_and_tokenizer, load_records, train_sft
+from r1lab.pipeline.rejection import SamplingSpec, filter_records, rejection_sample, write_jsonl
+from r1lab.run_dir import RunDir, read_jsonl
+from r1lab.tokenizer import Tokenizer, load_tokenizer
+from r1lab.train.sft import SFTConfig, load_records, model_for_training, train_sft
 
 TEACHER_RECORDS = "teacher_records.jsonl"
 SAMPLING_STATS = "teacher_sampling.json"
@@ -106,15 +104,14 @@ def _teacher_traces(cfg: DistillConfig, teacher, teacher_tokenizer, problems, lo
     if teacher is None:
         if not cfg.teacher:
             raise ConfigError("distill needs teacher records (records=...) or a teacher model (teacher=...)")
-        teacher = rm.load(cfg.teacher, dtype=getattr(torch, cfg.dtype), device=device)
+        teacher, teacher_tokenizer = rm.load_model_and_tokenizer(
+            cfg.teacher, tokenizer=teacher_tokenizer or cfg.teacher_tokenizer, device=device, dtype=cfg.dtype)
     teacher_tokenizer = teacher_tokenizer or load_tokenizer(cfg.teacher_tokenizer or cfg.teacher)
-    scorer = None
     if problems is None:
-        task = load_task(cfg.task, split=cfg.split, size=cfg.size, seed=cfg.seed, **cfg.task_options)
-        problems, scorer = task.problems, task.score
+        problems = load_task(cfg.task, split=cfg.split, size=cfg.size, seed=cfg.seed, **cfg.task_options)
     result = rejection_sample(teacher, teacher_tokenizer, problems, k=cfg.k, temperature=cfg.temperature,
                               top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, template=cfg.template,
-                              scorer=scorer, filters=cfg.filters, seed=cfg.seed,
+                              filters=cfg.filters, seed=cfg.seed,
                               model_name=cfg.teacher or teacher.args.model_type, dist=info)
     log("distill: teacher sampling " + ", ".join(f"{k} {v}" for k, v in result.stats.items()))
     teacher_info = {"teacher_model_type": teacher.args.model_type, "teacher_parameters": teacher.num_parameters()}
@@ -177,9 +174,9 @@ def distill(cfg: DistillConfig, run_dir: RunDir | str | Path, *, teacher_records
             student_tokenizer = load_tokenizer(cfg.student_tokenizer or cfg.student)
         else:
             student_tokenizer = teacher_tokenizer or load_tokenizer(cfg.teacher_tokenizer or cfg.teacher or "")
-    student, student_tokenizer = load_model_and_tokenizer(
+    student, student_tokenizer = model_for_training(
         cfg.student, None, seed=cfg.seed, device=device, dtype=cfg.dtype, model=student,
-        tokenizer=student_tokenizer, overrides=cfg.student_model)
+        tokenizer=student_tokenizer, preset_overrides=cfg.student_model)
     kept = retemplate(kept, cfg.template, student_tokenizer)
     stats.update(retokenization_stats(kept, student_tokenizer))
     if stats["retokenized_exact"] < 1.0:

@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from r1lab.config import ConfigError, check_ranges
-from r1lab.rewards import accuracy_reward, format_reward, is_mixed_language
 from r1lab.fsutil import atomic_write_text
-from r1lab.train.run_dir import RunDir
+from r1lab.rewards import format_reward, is_mixed_language
+from r1lab.run_dir import RunDir
+from r1lab.tasks import Task, as_task
 
 REJECTION_REASONS = ("truncated", "incorrect", "format", "language", "long_paragraph", "code_block",
                      "duplicate", "over_cap")
@@ -182,20 +183,6 @@ def selection_stats(n_prompts: int, kept: Sequence[Candidate], rejected: Sequenc
 
 
 # ----------------------------------------------------------------------------------- sampling
-def _question_and_gold(problem: Any) -> tuple[str, str | None]:
-    if isinstance(problem, dict):
-        return problem["question"], problem.get("gold", problem.get("answer"))
-    return problem.question, getattr(problem, "gold", None)
-
-
-def default_scorer(problem: Any, completion: str) -> float:
-    """accuracy_reward against the problem's gold answer."""
-    _, gold = _question_and_gold(problem)
-    if gold is None:
-        raise ValueError("problem has no gold answer: pass a scorer")
-    return accuracy_reward(completion, gold)
-
-
 @dataclass
 class RejectionResult:
     records: list[dict]
@@ -206,26 +193,17 @@ class RejectionResult:
     """Rejected samples with {prompt_index, sample_index, completion, score, rejected_by}, for inspection."""
 
 
-def completion_text(tokenizer, token_ids: Sequence[int]) -> str:
-    """Decoded response without its final stop token and leading whitespace (records are plain text; the
-    SFT raw template re-inserts the separator)."""
-    ids = list(token_ids)
-    if ids and ids[-1] in tokenizer.stop_ids:
-        ids = ids[:-1]
-    return tokenizer.decode(ids).lstrip()
-
-
 def rejection_sample(
     model,
     tokenizer,
-    problems: Sequence[Any],
+    problems: Task | Sequence[Any],
     *,
     k: int = 4,
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int | None = None,
     max_new_tokens: int = 256,
-    template: str = "r1_zero",
+    template: str | None = None,
     scorer: Callable[[Any, str], float] | None = None,
     filters: FilterConfig | None = None,
     seed: int = 0,
@@ -236,60 +214,39 @@ def rejection_sample(
 ) -> RejectionResult:
     """Sample k responses per problem with the rollout engine and keep the correct, clean ones.
 
-    problems: objects with .question and .gold (tasks.Problem) or dicts {question, gold}.
-    template: 'r1_zero', 'chat', 'plain' or a string containing {question} (tasks.render_prompt).
-    scorer(problem, completion) -> float: correctness (default accuracy_reward vs gold; a Task's .score works).
+    problems: a Task (its template, instruction and verifier are used), or problems (tasks.Problem or dicts
+        {question, gold}) scored by math-verify against gold unless `scorer` is given.
+    template: None (the task's own), 'r1_zero', 'chat', 'plain' or a string containing {question}.
+    scorer(problem, completion) -> float: correctness, instead of the task's verifier.
     model_name/step: provenance written into every record's source.
-    dist: a r1lab.train.distributed.DistInfo under torchrun (every rank must call this). Each rank samples
-        its contiguous share of the problems on its own unsharded model (a sharded one goes through
-        gathered_for_rollout), the candidates are gathered in problem order, and the checks (dedup and the
-        per-prompt cap included) run on the gathered candidates, so every rank returns the same result, the
-        one a single process would select from those samples. Prompt i is sampled with seed + i at its
-        global index (the engine's draws depend on nothing else), so the samples are one process's too.
-        The caller writes the files from rank 0.
+    dist: a r1lab.distributed.DistInfo under torchrun (every rank must call this, each on its own unsharded
+        model). Each rank samples its contiguous share of the problems (eval.sampling.sample_and_score); the
+        checks, dedup and the per-prompt cap included, run on the gathered candidates, so every rank returns
+        the result one process would select from the same samples. The caller writes the files from rank 0.
     """
-    from r1lab.rollout import SamplingParams, generate
-    from r1lab.tasks import render_prompt
-    from r1lab.train import distributed as D
+    from r1lab.eval.sampling import sample_and_score
 
     filters = filters or FilterConfig()
-    scorer = scorer or default_scorer
+    task = as_task(problems)
     count_tokens = (lambda text: len(tokenizer.encode(text))) if filters.max_paragraph_tokens else None
-    questions = [_question_and_gold(p) for p in problems]
-    prompts = [render_prompt(template, q, apply_chat_template=tokenizer.apply_chat_template) for q, _ in questions]
-    info = dist or D.single_process()
-    lo, hi = D.share_bounds(len(prompts), info)  # all of them in one process
-    candidates: list[Candidate] = []
-    with D.gathered_for_rollout(model, info) as policy:  # the model itself unless it is FSDP-sharded
-        was_training = policy.training
-        policy.eval()
-        try:
-            for start in range(lo, hi, prompts_per_batch):
-                chunk = prompts[start : min(start + prompts_per_batch, hi)]
-                params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
-                                        max_new_tokens=max_new_tokens, stop_token_ids=tokenizer.stop_ids, n=k,
-                                        seed=seed + start)
-                for c in generate(policy, [tokenizer.encode(p) for p in chunk], params):
-                    i = start + c.prompt_index
-                    text = completion_text(tokenizer, c.token_ids)
-                    candidates.append(Candidate(i, c.sample_index, text, float(scorer(problems[i], text)),
-                                                finished=c.finish_reason == "stop"))
-        finally:
-            policy.train(was_training)
-    # every rank's candidates, in problem order (contiguous shares in rank order), then select: de-duplication
-    # and the per-prompt cap see all of a prompt's samples, as in one process
-    candidates = [c for share in D.all_gather_objects(candidates, info) for c in share]
+    sampled = sample_and_score(model, tokenizer, task, k=k, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_p=top_p, top_k=top_k, seed=seed, template=template, scorer=scorer,
+                               batch=prompts_per_batch, dist=dist)
+    # records are plain text; the SFT raw template re-inserts the separator before the completion
+    candidates = [Candidate(item.index, j, text.lstrip(), score, finished=reason == "stop")
+                  for item in sampled
+                  for j, (text, score, reason) in enumerate(zip(item.texts, item.scores, item.finish_reasons))]
     kept, rejected = select(candidates, filters, count_tokens)
     source = {"model": model_name or getattr(model.args, "model_type", "model"), "step": step,
-              "temperature": temperature, "top_p": top_p, "seed": seed, "template": template}
+              "temperature": temperature, "top_p": top_p, "seed": seed, "template": template or task.template}
     passed = passed_filters(filters)
-    records = [{"prompt": prompts[c.prompt_index], "completion": c.text, "question": questions[c.prompt_index][0],
-                "gold": questions[c.prompt_index][1], "score": c.score,
-                "source": {**source, "prompt_index": c.prompt_index, "sample_index": c.sample_index},
+    records = [{"prompt": sampled[c.prompt_index].prompt.text, "completion": c.text,
+                "question": task.problems[c.prompt_index].question, "gold": task.problems[c.prompt_index].gold,
+                "score": c.score, "source": {**source, "prompt_index": c.prompt_index, "sample_index": c.sample_index},
                 "filters_passed": passed} for c in kept]
     rejected_rows = [{"prompt_index": c.prompt_index, "sample_index": c.sample_index, "completion": c.text,
                       "score": c.score, "rejected_by": reason} for c, reason in rejected]
-    return RejectionResult(records, selection_stats(len(prompts), kept, rejected), rejected_rows)
+    return RejectionResult(records, selection_stats(len(task.problems), kept, rejected), rejected_rows)
 
 
 def filter_records(records: Sequence[dict], cfg: FilterConfig,
@@ -327,8 +284,8 @@ class SamplingSpec:
     """Task split to draw prompts from."""
     size: int = 256
     """Prompts to sample on."""
-    template: str = "r1_zero"
-    """Prompt template: r1_zero, chat, plain or a string with {question}."""
+    template: str | None = None
+    """Prompt template: r1_zero, chat, plain or a string with {question}; None: the task's own."""
     k: int = 4
     """Samples per prompt."""
     temperature: float = 1.0
@@ -365,12 +322,9 @@ def run_rejection(cfg: RejectionConfig, run_dir: RunDir | str | Path, log: Calla
     """`r1lab sample`: rejection-sample a task with a checkpoint; writes run_dir/records.jsonl (kept),
     rejected.jsonl, summary.json (stats) and config.yaml. Returns the records path.
     dist (under torchrun): every rank samples its share of the prompts on its own GPU; rank 0 writes."""
-    import torch
-
-    import r1lab.model as rm
+    from r1lab import distributed as D
+    from r1lab.model import load_model_and_tokenizer
     from r1lab.tasks import load_task
-    from r1lab.tokenizer import load_tokenizer
-    from r1lab.train import distributed as D
 
     info = dist or D.single_process(cfg.device)
     main = info.is_main
@@ -379,12 +333,10 @@ def run_rejection(cfg: RejectionConfig, run_dir: RunDir | str | Path, log: Calla
         run_dir.write_config(cfg)
     if not cfg.model:
         raise ConfigError("set model= to the HF folder to sample from")
-    model = rm.load(cfg.model, dtype=getattr(torch, cfg.dtype), device=str(info.device))
-    tok = load_tokenizer(cfg.tokenizer or cfg.model)
+    model, tok = load_model_and_tokenizer(cfg.model, tokenizer=cfg.tokenizer, device=info.device, dtype=cfg.dtype)
     task = load_task(cfg.task, split=cfg.split, size=cfg.size, seed=cfg.seed, **cfg.task_options)
-    result = rejection_sample(model, tok, task.problems, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
-                              max_new_tokens=cfg.max_new_tokens, template=cfg.template, scorer=task.score,
-                              filters=cfg.filters, seed=cfg.seed, prompts_per_batch=cfg.prompts_per_batch,
+    result = rejection_sample(model, tok, task, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
+                              max_new_tokens=cfg.max_new_tokens, template=cfg.template, filters=cfg.filters, seed=cfg.seed, prompts_per_batch=cfg.prompts_per_batch,
                               model_name=str(cfg.model), dist=info)
     path = run_dir.path / "records.jsonl"
     if not main:

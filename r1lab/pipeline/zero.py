@@ -8,27 +8,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from r1lab.config import check_ranges
-from r1lab.train import distributed as D
+from r1lab import distributed as D
+from r1lab.eval.runner import EvalConfig, evaluate
+from r1lab.model import load_model_and_tokenizer
+from r1lab.run_dir import RunDir
+from r1lab.tasks import Task
+from r1lab.train.checkpoint import save_model_folder
 from r1lab.train.grpo import GRPOConfig, train_grpo
-from r1lab.train.run_dir import RunDir
-
-
-@dataclass
-class EvalConfig:
-    k: int = 8
-    """Samples per held-out question (pass@1 is their mean; R1 uses 4-64)."""
-    temperature: float = 0.6
-    """R1's evaluation temperature."""
-    top_p: float = 0.95
-    """R1's evaluation nucleus."""
-    max_new_tokens: int = 160
-    """Completion limit at evaluation."""
-    seed: int = 1234
-
-    def __post_init__(self) -> None:
-        check_ranges(self, at_least={"k": 1, "max_new_tokens": 1, "temperature": 0}, unit=("top_p",))
+from r1lab.train.parallel import gathered_for_rollout
 
 
 @dataclass
@@ -44,6 +33,16 @@ class ZeroConfig:
 REPORTED = ("pass@1", "cons@k", "response_length", "format_rate")
 
 
+def evaluate_held_out(model, tokenizer, held_out: Task, cfg: EvalConfig, template: str | None, info: D.DistInfo,
+                      out_path: Path, name: str) -> dict:
+    """The R1-protocol summary of `model` on a held-out task, during a training run: on the gathered weights
+    when the model is FSDP-sharded, each rank sampling its share of the questions. Every rank calls it."""
+    with gathered_for_rollout(model, info) as policy:  # the model itself unless it is sharded
+        summary, _ = evaluate(policy, tokenizer, held_out, template=template, progress=False, out_path=out_path,
+                              name=name, dist=info, **cfg.sampling())
+    return summary
+
+
 def run_zero(cfg: ZeroConfig, run_dir: RunDir, *, resume: bool = False, progress: bool = True,
              dist: D.DistInfo | None = None) -> dict:
     """Evaluate the base, run GRPO, evaluate again; writes summary.json and report.html. Returns the summary.
@@ -51,24 +50,17 @@ def run_zero(cfg: ZeroConfig, run_dir: RunDir, *, resume: bool = False, progress
     dist (from `init_distributed()` under torchrun): GRPO runs sharded with FSDP2, each rank evaluates its
     share of the held-out questions; rank 0 alone writes the summary, the report and the final model."""
     from r1lab.eval.report import write_report
-    from r1lab.eval.runner import evaluate
-    from r1lab.model import load_model_and_tokenizer
 
     g = cfg.grpo
     info = dist or D.single_process(g.device)
-    dtype = "float32" if g.dtype == "float32" else g.dtype
     # every rank loads onto its own GPU (cuda:LOCAL_RANK under torchrun)
-    model, tok = load_model_and_tokenizer(cfg.model, device=str(info.device), dtype=dtype)
+    model, tok = load_model_and_tokenizer(cfg.model, device=str(info.device), dtype=g.dtype)
     t = g.task
     held_out = t.load("test")
 
     def measure(tag: str) -> dict:
-        with D.gathered_for_rollout(model, info) as policy:  # the model itself until GRPO shards it
-            summary, _ = evaluate(policy, tok, held_out, template=t.template, k=cfg.eval.k,
-                                  temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
-                                  max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.eval.seed, progress=False,
-                                  out_path=run_dir.path / "eval" / f"{tag}.jsonl", name=tag, dist=info)
-        return summary
+        return evaluate_held_out(model, tok, held_out, cfg.eval, t.template, info,
+                                 run_dir.path / "eval" / f"{tag}.jsonl", tag)
 
     t0 = time.time()
     before = _load_before(run_dir) if resume else None
@@ -79,7 +71,7 @@ def run_zero(cfg: ZeroConfig, run_dir: RunDir, *, resume: bool = False, progress
     train_grpo(g, run_dir, model, tok, resume=resume, on_step=_progress(g.steps) if progress and info.is_main else None,
                dist=info)
     after = measure("after")
-    D.save_model_folder(model, tok, info, run_dir.path / "model")
+    save_model_folder(model, tok, info, run_dir.path / "model")
     summary = {"before": before, "after": after, "task": t.name, "steps": g.steps, "seconds": round(time.time() - t0, 1),
                "world_size": info.world_size}
     if info.is_main:

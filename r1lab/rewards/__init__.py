@@ -14,6 +14,7 @@ it must never let a completion score 1.0.
 from .accuracy import accuracy_reward, math_equal, validate_gold
 from .coding import code_reward, program_from_completion
 from .compose import (
+    BoundedReward,
     ComposedReward,
     RewardModel,
     RewardSpec,
@@ -36,6 +37,7 @@ from .length import overlong_penalty
 
 __all__ = [
     "LANGUAGE_SCRIPTS",
+    "BoundedReward",
     "ComposedReward",
     "RewardModel",
     "RewardSpec",

@@ -9,6 +9,7 @@ where ``total`` is the weighted sum and every other entry is the unweighted comp
 from __future__ import annotations
 
 import inspect
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
@@ -21,6 +22,7 @@ from .language import language_consistency_reward
 from .length import overlong_penalty
 
 __all__ = [
+    "BoundedReward",
     "ComposedReward",
     "RewardModel",
     "RewardSpec",
@@ -29,6 +31,7 @@ __all__ = [
     "compose_rewards",
     "get_reward",
     "register_reward",
+    "score_against_gold",
     "score_batch",
 ]
 
@@ -43,6 +46,21 @@ class RewardModel(Protocol):
     """A learned reward model: scores many (prompt, response) pairs in one call."""
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]: ...
+
+
+class BoundedReward:
+    """A learned reward squashed to (0, 1) by a sigmoid of its score (a Bradley-Terry logit).
+
+    Unbounded reward-model scores invite reward hacking: in r1lab's first full pipeline run the policy dropped
+    </think> because the reward model liked the resulting "summary" by more than the format reward it lost
+    (format rate fell to 0). Bounded, a reward-model term of weight w can never outweigh a rule reward of
+    weight > w."""
+
+    def __init__(self, inner: RewardModel):
+        self.inner = inner
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return [1.0 / (1.0 + math.exp(-s)) for s in self.inner.score(prompts, responses)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,14 +104,18 @@ def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
-@register_reward("accuracy")
-def _accuracy(completion: str, problem: Any, *, task: Any = None) -> float:
-    """The task's own verifier when a task is given; else tests (code) or gold (math)."""
-    if task is not None:
-        return task.score(problem, completion)
+def score_against_gold(completion: str, problem: Any) -> float:
+    """The verifier of a problem that comes without a task: its tests run in the sandbox when it has tests,
+    else math-verify equivalence of the final answer with its gold."""
     if getattr(problem, "tests", None):
         return code_reward(completion, problem.tests)
     return accuracy_reward(completion, problem.gold)
+
+
+@register_reward("accuracy")
+def _accuracy(completion: str, problem: Any, *, task: Any = None) -> float:
+    """The task's own verifier when a task is given (the usual case), else score_against_gold."""
+    return task.score(problem, completion) if task is not None else score_against_gold(completion, problem)
 
 
 @register_reward("format")

@@ -12,15 +12,19 @@ from typing import Any, Iterator, Protocol, Sequence
 from ..errors import InputError
 from ..rewards.accuracy import accuracy_reward
 from ..rewards.coding import code_reward, program_from_completion
+from ..rewards.compose import score_against_gold
 from ..rewards.extract import extract_answer
+from .templates import MATH_INSTRUCTION, forced_think_prefix, render_prompt
 
 __all__ = [
     "ChoiceScorer",
     "CodeTestScorer",
     "MathScorer",
     "Problem",
+    "Prompt",
     "Scorer",
     "Task",
+    "as_task",
     "TaskDataError",
     "holdout_bucket",
     "select_split",
@@ -52,21 +56,60 @@ class Scorer(Protocol):
     def __call__(self, problem: Problem, completion: str) -> float: ...
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """A problem's prompt as the model sees it."""
+
+    text: str
+    """The rendered prompt text (template applied)."""
+    ids: list[int]
+    """Its token ids, BOS included where the tokenizer adds one (Tokenizer.encode_prompt)."""
+    completion_prefix: str = ""
+    """Text the prompt ends with that belongs to the answer (an opened "<think>" with force_think): scored
+    as part of the completion."""
+
+
 @dataclass
 class Task:
-    """A named list of problems plus the verifier that scores completions of them.
+    """A named list of problems that renders their prompts, decodes and scores completions of them.
+
+    The one place for each of these concerns: every trainer, evaluation, rejection sampling and
+    distillation renders a prompt with `prompt`, turns sampled tokens into text with `completion_text`
+    and scores the text with `score`.
 
     ``instruction`` is the answer-format request appended to the question by chat-style prompts
-    (math: "put your final answer within \\boxed{}"; code: "write it in a python block").
+    (math: "put your final answer within \\boxed{}"; code: "write it in a python block");
+    ``template`` is the prompt template the task is posed with unless a recipe names another.
     """
 
     name: str
     problems: list[Problem]
     scorer: Scorer
     instruction: str | None = None
+    template: str = "r1_zero"
+
+    def prompt(self, problem: Problem, tokenizer: Any, template: str | None = None, *,
+               force_think: bool = False) -> Prompt:
+        """The prompt of ``problem`` under ``template`` (None: the task's own), encoded by ``tokenizer``."""
+        template = template or self.template
+        text = render_prompt(template, problem.question, apply_chat_template=tokenizer.apply_chat_template,
+                             instruction=self.instruction if self.instruction is not None else MATH_INSTRUCTION,
+                             force_think=force_think)
+        prefix = forced_think_prefix(template).lstrip() if force_think else ""
+        return Prompt(text, tokenizer.encode_prompt(text), prefix)
+
+    @staticmethod
+    def completion_text(tokenizer: Any, token_ids: Sequence[int], prefix: str = "") -> str:
+        """The text a completion is scored and trained as: its tokens without the stop token that ended it,
+        special tokens dropped, after the prompt's completion prefix."""
+        ids = list(token_ids)
+        if ids and ids[-1] in tokenizer.stop_ids:
+            ids = ids[:-1]
+        return prefix + tokenizer.decode(ids, skip_special_tokens=True)
 
     def score(self, problem: Problem, completion: str) -> float:
-        """Accuracy of ``completion`` for ``problem`` (see the task's scorer)."""
+        """Accuracy of ``completion`` for ``problem`` (see the task's scorer); a malformed gold raises
+        ValueError, model output never does."""
         return float(self.scorer(problem, completion))
 
     def __len__(self) -> int:
@@ -77,6 +120,16 @@ class Task:
 
     def __getitem__(self, index: int) -> Problem:
         return self.problems[index]
+
+
+def as_task(problems: "Task | Sequence[Problem | dict]", name: str = "problems") -> Task:
+    """A Task as given, or one over bare problems (Problem objects or {question, gold} dicts), scored by
+    math-verify against gold, or by running their tests for problems that have tests."""
+    if isinstance(problems, Task):
+        return problems
+    items = [p if isinstance(p, Problem) else Problem(p["question"], str(p.get("gold", p.get("answer"))))
+             for p in problems]
+    return Task(name=name, problems=items, scorer=GoldScorer())
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,6 +167,13 @@ class ChoiceScorer:
         if answer is None:
             return 0.0
         return 1.0 if _normalize_word(answer) == _normalize_word(problem.gold) else 0.0
+
+
+class GoldScorer:
+    """The verifier of bare problems (rewards.score_against_gold): tests when they have them, else gold."""
+
+    def __call__(self, problem: Problem, completion: str) -> float:
+        return score_against_gold(completion, problem)
 
 
 class CodeTestScorer:

@@ -1,8 +1,14 @@
-"""``load_task``: one entry point for every task source a recipe can name."""
+"""``load_task``: one entry point for every task source a recipe can name.
+
+A new task is one registered function (see docs/architecture.md):
+
+    @register_task("my_task")
+    def my_task(split: str, size: int | None, seed: int, **options) -> Task: ...
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from .base import ChoiceScorer, CodeTestScorer, MathScorer, Task, select_split
 from .champ import champ_problems
@@ -11,7 +17,47 @@ from .humaneval import humaneval_problems
 from .procedural import load_reasoning_gym
 from .templates import CODE_INSTRUCTION, MATH_INSTRUCTION
 
-__all__ = ["load_task"]
+__all__ = ["available_tasks", "load_task", "register_task"]
+
+TaskSource = Callable[..., Task]
+_TASKS: dict[str, TaskSource] = {}
+
+
+def register_task(name: str):
+    """Register ``fn(split, size, seed, **options) -> Task`` under ``name`` (a decorator); `load_task(name)`
+    then calls it. Registered names take precedence over reasoning-gym's."""
+    def add(fn: TaskSource) -> TaskSource:
+        _TASKS[name] = fn
+        return fn
+    return add
+
+
+def available_tasks() -> list[str]:
+    """The registered task names (reasoning-gym's datasets and files are available besides these)."""
+    return sorted(_TASKS)
+
+
+def _evaluation_set(spec: str, problems, scorer, instruction: str, template: str, split: str, size: int | None,
+                    seed: int, holdout: float | None, config: dict) -> Task:
+    if config:
+        raise TypeError(f"{spec} takes no options besides holdout_fraction, got {sorted(config)}")
+    problems = select_split(problems, source=spec, split=split, size=size, seed=seed, holdout_fraction=holdout,
+                            eval_only=True)
+    return Task(name=spec, problems=problems, scorer=scorer, instruction=instruction, template=template)
+
+
+@register_task("humaneval")
+def _humaneval(split: str, size: int | None, seed: int, holdout_fraction: float | None = None, **config) -> Task:
+    # HumanEval's instruct-model protocol is a chat turn, scored by running the tests in the sandbox
+    return _evaluation_set("humaneval", humaneval_problems(), CodeTestScorer(), CODE_INSTRUCTION, "chat", split,
+                           size, seed, holdout_fraction, config)
+
+
+@register_task("champ")
+def _champ(split: str, size: int | None, seed: int, holdout_fraction: float | None = None, **config) -> Task:
+    return _evaluation_set("champ", champ_problems(), ChoiceScorer(), MATH_INSTRUCTION, "r1_zero", split, size,
+                           seed, holdout_fraction, config)
+
 
 _FILE_OPTIONS = {"question_field", "answer_field", "tests_field", "answer_format"}
 
@@ -27,8 +73,8 @@ def load_task(spec: str, split: str = "train", size: int | None = None, seed: in
         ``"jsonl:PATH"`` / ``"parquet:PATH"``: a file; ``config`` may set ``question_field``,
             ``answer_field``, ``answer_format`` ("auto", "gsm8k", "boxed", "raw") and, for code,
             ``tests_field``. The whole file is the split unless ``holdout_fraction`` is given.
-        ``"humaneval"``, ``"champ"``: evaluation sets; only "test" unless ``holdout_fraction``
-            carves a disjoint train part.
+        ``"humaneval"``, ``"champ"`` and any other registered name (`register_task`): evaluation sets;
+            only "test" unless ``holdout_fraction`` carves a disjoint train part.
 
     ``size`` (None: all) keeps a seeded subset of fixed sources; ``seed`` also seeds generation.
     """
@@ -46,16 +92,8 @@ def load_task(spec: str, split: str = "train", size: int | None = None, seed: in
         is_code = config.get("tests_field") is not None
         return Task(name=spec, problems=problems, scorer=CodeTestScorer() if is_code else MathScorer(),
                     instruction=CODE_INSTRUCTION if is_code else MATH_INSTRUCTION)
-    if spec in ("humaneval", "champ"):
-        if config:
-            raise TypeError(f"{spec} takes no options besides holdout_fraction, got {sorted(config)}")
-        if spec == "humaneval":
-            problems, scorer, instruction = humaneval_problems(), CodeTestScorer(), CODE_INSTRUCTION
-        else:
-            problems, scorer, instruction = champ_problems(), ChoiceScorer(), MATH_INSTRUCTION
-        problems = select_split(problems, source=spec, split=split, size=size, seed=seed,
-                                holdout_fraction=holdout, eval_only=True)
-        return Task(name=spec, problems=problems, scorer=scorer, instruction=instruction)
+    if spec in _TASKS:
+        return _TASKS[spec](split, size, seed, holdout_fraction=holdout, **config)
     if holdout is not None:
         config["holdout_fraction"] = holdout
     return load_reasoning_gym(spec, split, size, seed, **config)

@@ -7,7 +7,8 @@
   tensors; the loss is then computed on ordinary padded [B, T] tensors (cheap) while the forward ran packed.
 - `micro_batches_by_tokens` groups sequences for padded (unpacked) forwards under a token budget.
 - `split_minibatches` cuts a rollout of num_groups × group_size completions into optimizer minibatches
-  for any counts, never demanding that a batch divide by the group size.
+  for any counts, never demanding that a batch divide by the group size; `minibatch_plan` gives every
+  rank of a torchrun job the same number of them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from r1lab.distributed import DistInfo, max_across_ranks
 
 
 @dataclass
@@ -214,3 +217,29 @@ def split_minibatches(
         out.append(order[start : start + size])
         start += size
     return out
+
+
+def check_whole_groups(prompt_index: Sequence[int], group_size: int) -> None:
+    """The invariant that makes group advantages local: the rank's completions are prompt-major, in whole
+    groups of exactly group_size completions of one prompt each. Raises AssertionError otherwise."""
+    n = len(prompt_index)
+    assert n % group_size == 0, f"{n} completions are not whole groups of {group_size}"
+    seen: set[int] = set()
+    for g in range(n // group_size):
+        members = set(prompt_index[g * group_size : (g + 1) * group_size])
+        assert len(members) == 1, f"group {g} mixes prompts {sorted(members)}"
+        assert not members & seen, f"prompt {prompt_index[g * group_size]} is split across groups"
+        seen |= members
+
+
+def minibatch_plan(n_groups: int, group_size: int, num_minibatches: int, info: DistInfo,
+                   generator: torch.Generator | None = None) -> list[list[int]]:
+    """split_minibatches of this rank's completions into the same number of optimizer steps on every rank
+    (min(num_minibatches, fewest completions on any rank that has some), at least 1); a rank with no groups
+    gets that many empty minibatches (it still joins every step with dummy passes). A collective."""
+    n = n_groups * group_size
+    fewest = -max_across_ranks(-n if n else -(10**12), info)  # min over ranks with completions
+    k = max(1, min(num_minibatches, fewest))
+    if n == 0:
+        return [[] for _ in range(k)]
+    return split_minibatches(n_groups, group_size, num_minibatches=k, generator=generator)

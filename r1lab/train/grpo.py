@@ -16,6 +16,7 @@ surrogate's value is ~0 while its gradient is not. Watch reward, accuracy and re
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -24,18 +25,20 @@ from pathlib import Path
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from r1lab.config import check_ranges
+from r1lab import distributed as D
+from r1lab.config import ConfigError, check_ranges
 from r1lab.rewards import compose_rewards
 from r1lab.rewards.compose import RewardSpec
-from r1lab.rollout import SamplingParams, generate
-from r1lab.tasks import load_task, render_prompt
-from r1lab.train.batching import pack_sequences, unpack_to_sequences
-from r1lab.train import distributed as D
-from r1lab.train.checkpoint import load_latest_checkpoint
+from r1lab.rollout import Completion, SamplingParams, generate
+from r1lab.run_dir import RunDir
+from r1lab.tasks import Problem, Task, load_task
+from r1lab.train.batching import PackedBatch, check_whole_groups, minibatch_plan, pack_sequences, unpack_to_sequences
+from r1lab.train.checkpoint import load_latest_checkpoint, restore_checkpoint, save_checkpoint
 from r1lab.train.grpo_math import Objective, dynamic_sampling_filter, group_advantages, overlong_filter_mask, policy_loss
 from r1lab.train.logprobs import token_logprobs
 from r1lab.train.optim import adamw
-from r1lab.train.run_dir import RunDir
+from r1lab.train.parallel import gathered_for_rollout, reference_replica, shard_model
+from r1lab.train.step import train_step
 
 
 @dataclass
@@ -48,8 +51,9 @@ class TaskConfig:
     """Held-out problems for before/after evaluation (the disjoint test split)."""
     seed: int = 0
     """Seed of the task generator."""
-    template: str = "r1_zero"
-    """Prompt template: r1_zero, chat, or a string with {question}."""
+    template: str | None = None
+    """Prompt template: r1_zero, chat, plain or a string with {question}; None: the task's own (r1_zero for
+    math tasks, chat for HumanEval)."""
     options: dict = field(default_factory=dict)
     """Keyword arguments for the task source (reasoning-gym dataset config, jsonl field names,
     holdout_fraction); empty means r1lab's default for that task (DEFAULT_TASK_OPTIONS)."""
@@ -126,9 +130,92 @@ class GRPOConfig:
         check_ranges(self, at_least={"group_size": 2, "prompts_per_step": 1, "max_new_tokens": 1,
                                      "epochs_per_rollout": 1, "num_minibatches": 1, "micro_batch_tokens": 1,
                                      "steps": 0, "warmup_steps": 0, "ref_reset_every": 0, "max_refill_rounds": 0,
-                                     "save_every": 0, "sample_log_every": 0, "temperature": 0, "weight_decay": 0},
+                                     "save_every": 0, "sample_log_every": 0, "temperature": 0, "weight_decay": 0,
+                                     "router_bias_gamma": 0},
                      positive=("lr", "grad_clip"), unit=("top_p",))
         RewardSpec.from_dict(self.rewards)  # weights are numbers; names are checked against the task later
+        if self.objective.soft_overlong_cache > self.max_new_tokens:
+            raise ConfigError(f"objective.soft_overlong_cache={self.objective.soft_overlong_cache} must be <= "
+                              f"max_new_tokens={self.max_new_tokens} (DAPO: a 4,096-token band of 20,480)")
+
+    def reward_spec(self) -> dict:
+        """The reward terms the trainer scores with: `rewards`, plus DAPO's soft overlong penalty when the
+        objective asks for it (one formula: the `overlong` reward, rewards.overlong_penalty)."""
+        spec = dict(self.rewards)
+        if self.objective.soft_overlong_cache and "overlong" not in spec:
+            spec["overlong"] = {"weight": 1.0, "max_len": self.max_new_tokens,
+                                "cache_len": self.objective.soft_overlong_cache}
+        return spec
+
+
+@dataclass
+class Rollout:
+    """One step's sampled groups, prompt-major: completion j of group g is completions[g * G + j]."""
+
+    problem_ids: list[int]
+    """[groups] index of each group's problem in the task."""
+    prompts: list[list[int]]
+    """[groups] prompt token ids."""
+    completions: list[Completion]
+    """[groups × G] the engine's samples; prompt_index is the group."""
+    texts: list[str]
+    """[groups × G] completion texts (Task.completion_text), as scored."""
+    scores: list[dict[str, float]]
+    """[groups × G] reward terms (unweighted) and their weighted "total"."""
+    rollout_seconds: float = 0.0
+    scoring_seconds: float = 0.0
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.problem_ids)
+
+    def totals(self) -> torch.Tensor:
+        """[groups × G] total rewards."""
+        return torch.tensor([s["total"] for s in self.scores], dtype=torch.float32)
+
+    def sequences(self) -> tuple[list[list[int]], list[list[int]]]:
+        """Prompt + completion ids of every completion, and its loss mask (1 on the completion tokens)."""
+        return _sequences(self.prompts, self.completions)
+
+    def select(self, groups: list[int], group_size: int) -> "Rollout":
+        """The rollout restricted to `groups` (renumbered 0..len-1 in that order)."""
+        members = [i for g in groups for i in range(g * group_size, (g + 1) * group_size)]
+        remap = {g: j for j, g in enumerate(groups)}
+        completions = [dataclasses.replace(self.completions[i], prompt_index=remap[i // group_size]) for i in members]
+        return Rollout([self.problem_ids[g] for g in groups], [self.prompts[g] for g in groups], completions,
+                       [self.texts[i] for i in members], [self.scores[i] for i in members],
+                       self.rollout_seconds, self.scoring_seconds)
+
+    def __add__(self, other: "Rollout") -> "Rollout":
+        shift = self.n_groups
+        completions = self.completions + [dataclasses.replace(c, prompt_index=c.prompt_index + shift)
+                                          for c in other.completions]
+        return Rollout(self.problem_ids + other.problem_ids, self.prompts + other.prompts, completions,
+                       self.texts + other.texts, self.scores + other.scores,
+                       self.rollout_seconds + other.rollout_seconds, self.scoring_seconds + other.scoring_seconds)
+
+
+@dataclass
+class UpdateBatch:
+    """What the policy update trains on, per completion of the rollout (index i = completion i)."""
+
+    seqs: list[list[int]]
+    """Prompt + completion ids."""
+    loss_masks: list[list[int]]
+    """1 on the completion tokens."""
+    advantages: torch.Tensor
+    """[N] group-normalized advantages."""
+    old_logp: list[torch.Tensor]
+    """log π_old of each completion token [len] (the rollout policy's)."""
+    ref_logp: list[torch.Tensor] | None
+    """log π_ref of each completion token [len] when β > 0."""
+    weights: torch.Tensor | None
+    """[N] 0/1 per completion when truncated samples are masked out (DAPO's overlong filter), else None."""
+
+    def token_weights(self, i: int) -> torch.Tensor:
+        """[len] the loss weight of completion i's tokens."""
+        n = len(self.old_logp[i])
+        return torch.ones(n) if self.weights is None else torch.full((n,), float(self.weights[i]))
 
 
 class Trainer:
@@ -140,16 +227,16 @@ class Trainer:
         self.cfg, self.model, self.tok, self.run_dir = cfg, model, tokenizer, run_dir
         self.dist = dist or D.single_process(cfg.device)
         if self.dist.is_distributed:  # shard before the optimizer sees the parameters
-            D.shard_model(model, self.dist)
+            shard_model(model, self.dist)
         self.device = self.dist.device if self.dist.is_distributed else torch.device(cfg.device)
         self._policy = model  # what generate() runs on (the gathered replica under FSDP)
         self.loss_temperature = cfg.temperature if cfg.temperature > 0 else 1.0  # greedy rollouts: raw logits
-        self.task = cfg.task.load("train")
-        self.prompt_ids = {}  # problem index → token ids (rendered once)
+        self.task: Task = cfg.task.load("train")
+        self.prompt_ids: dict[int, list[int]] = {}  # problem index → token ids (rendered once)
         self.order = list(range(len(self.task.problems)))
         random.Random(cfg.seed).shuffle(self.order)
         self.cursor = 0
-        self.reward = compose_rewards(cfg.rewards, task=self.task, reward_models=reward_models)
+        self.reward = compose_rewards(cfg.reward_spec(), task=self.task, reward_models=reward_models)
         self.opt = adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.99))
         warm = max(1, cfg.warmup_steps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm))
@@ -161,7 +248,7 @@ class Trainer:
 
     def _snapshot(self):
         if self.dist.is_distributed:  # a frozen plain replica per rank, refreshed in place on a reset
-            return D.reference_replica(self.model, self.dist, getattr(self, "ref", None))
+            return reference_replica(self.model, self.dist, getattr(self, "ref", None))
         ref = copy.deepcopy(self.model).eval()
         for p in ref.parameters():
             p.requires_grad_(False)
@@ -180,13 +267,14 @@ class Trainer:
 
     def _prompt(self, i: int) -> list[int]:
         if i not in self.prompt_ids:
-            text = render_prompt(self.cfg.task.template, self.task.problems[i].question,
-                                 apply_chat_template=self.tok.apply_chat_template)
-            self.prompt_ids[i] = self.tok.encode(text)
+            self.prompt_ids[i] = self.task.prompt(self.task.problems[i], self.tok, self.cfg.task.template).ids
         return self.prompt_ids[i]
 
+    def problem(self, rollout: Rollout, completion_index: int) -> Problem:
+        return self.task.problems[rollout.problem_ids[rollout.completions[completion_index].prompt_index]]
+
     # ------------------------------------------------------------------ rollout + scoring
-    def _rollout(self, problem_ids: list[int], seed: int) -> dict:
+    def _rollout(self, problem_ids: list[int], seed: int) -> Rollout:
         cfg = self.cfg
         prompts = [self._prompt(i) for i in problem_ids]
         # generate() seeds prompt i with seed + i: give every (call, rank) its own block of 2**20 seeds, so
@@ -204,76 +292,69 @@ class Trainer:
                 for c, logp in zip(comps, self._logprobs(self._policy, *_sequences(prompts, comps))):
                     c.logprobs = logp.tolist()
         t1 = time.perf_counter()
-        texts = [self.tok.decode(c.token_ids, skip_special_tokens=True) for c in comps]
+        texts = [self.task.completion_text(self.tok, c.token_ids) for c in comps]
         problems = [self.task.problems[problem_ids[c.prompt_index]] for c in comps]
         scores = self.reward.batch(problems, texts, lengths=[len(c.token_ids) for c in comps])
-        t2 = time.perf_counter()
-        return dict(problem_ids=problem_ids, prompts=prompts, comps=comps, texts=texts, problems=problems,
-                    scores=scores, t_rollout=t1 - t0, t_score=t2 - t1)
+        return Rollout(problem_ids, prompts, comps, texts, scores, t1 - t0, time.perf_counter() - t1)
 
-    def _collect(self) -> tuple[dict, dict]:
+    def _collect(self) -> tuple[Rollout, dict]:
         """Roll out prompts_per_step groups; with dynamic sampling, replace all-equal groups (bounded)."""
         cfg = self.cfg
-        G = cfg.group_size
         # Every rank draws the same global prompts (the cursor stays in step) and keeps its whole-prompt share.
         mine = D.rank_share(self._next_problems(cfg.prompts_per_step), self.dist)
         target = len(mine)
-        with D.gathered_for_rollout(self.model, self.dist) as self._policy:
+        with gathered_for_rollout(self.model, self.dist) as self._policy:
             batch = self._rollout(mine, seed=(cfg.seed * 1_000_003 + self.step_index) * 64)
-            stats = {"zero_variance_groups": self._zero_variance_share(batch) if batch["comps"] else 0.0}
+            stats = {"zero_variance_groups": self._zero_variance_share(batch) if batch.completions else 0.0}
             if cfg.objective.dynamic_sampling:
                 batch = self._keep_informative(batch)
                 for r in range(cfg.max_refill_rounds):
-                    missing = target - len(batch["problem_ids"])
+                    missing = target - batch.n_groups
                     most = D.max_across_ranks(missing, self.dist)
                     if most <= 0:
                         break
                     draw = D.rank_share(self._next_problems(most * self.dist.world_size), self.dist)[:max(missing, 0)]
                     if draw:
                         seed = (cfg.seed * 1_000_003 + self.step_index) * 64 + 1 + r % 63  # the step's refill blocks
-                        more = self._keep_informative(self._rollout(draw, seed=seed))
-                        batch = _concat_rollouts(batch, more, G)
+                        batch = batch + self._keep_informative(self._rollout(draw, seed=seed))
         self._policy = self.model
         return batch, stats
 
-    def _zero_variance_share(self, batch: dict) -> float:
-        totals = torch.tensor([s["total"] for s in batch["scores"]])
-        keep = dynamic_sampling_filter(totals, group_size=self.cfg.group_size)
+    def _zero_variance_share(self, batch: Rollout) -> float:
+        keep = dynamic_sampling_filter(batch.totals(), group_size=self.cfg.group_size)
         return 1.0 - keep.float().mean().item()
 
-    def _keep_informative(self, batch: dict) -> dict:
+    def _keep_informative(self, batch: Rollout) -> Rollout:
         G = self.cfg.group_size
-        totals = torch.tensor([s["total"] for s in batch["scores"]])
-        keep = dynamic_sampling_filter(totals, group_size=G).view(-1, G)[:, 0].tolist()
-        groups = [g for g, k in enumerate(keep) if k]
-        return _select_groups(batch, groups, G)
+        keep = dynamic_sampling_filter(batch.totals(), group_size=G).view(-1, G)[:, 0].tolist()
+        return batch.select([g for g, k in enumerate(keep) if k], G)
 
     # ------------------------------------------------------------------ update
     def step(self) -> dict:
         cfg, obj = self.cfg, self.cfg.objective
         t_start = time.perf_counter()
         batch, stats = self._collect()
-        comps, G = batch["comps"], cfg.group_size
-        n_groups = len(batch["problem_ids"])
-        D.check_whole_groups([c.prompt_index for c in comps], G)  # so group advantages are rank-local
+        comps, G = batch.completions, cfg.group_size
+        check_whole_groups([c.prompt_index for c in comps], G)  # so group advantages are rank-local
         metrics = self._rollout_metrics(batch) | stats
-        if D.sum_across_ranks(n_groups, self.dist) == 0:
+        if D.sum_across_ranks(batch.n_groups, self.dist) == 0:
             self.step_index += 1
             return D.all_reduce_metrics(metrics | {"skipped": 1.0}, self.dist)
-        totals = torch.tensor([s["total"] for s in batch["scores"]], dtype=torch.float32)
-        adv = group_advantages(totals, G, **obj.advantage_kwargs()) if n_groups else totals
-        counts = overlong_filter_mask([c.finish_reason for c in comps]) if obj.mask_truncated else None
-        seqs, masks = _sequences(batch["prompts"], comps)
-        old_logp = [torch.tensor(c.logprobs, dtype=torch.float32) for c in comps]
-        ref_logp = self._logprobs(self.ref, seqs, masks) if self.ref is not None else None
+        totals = batch.totals()
+        seqs, masks = batch.sequences()
+        update = UpdateBatch(
+            seqs, masks, advantages=group_advantages(totals, G, **obj.advantage_kwargs()) if batch.n_groups else totals,
+            old_logp=[torch.tensor(c.logprobs, dtype=torch.float32) for c in comps],
+            ref_logp=self._logprobs(self.ref, seqs, masks) if self.ref is not None else None,
+            weights=overlong_filter_mask([c.finish_reason for c in comps]) if obj.mask_truncated else None)
 
         self.model.train()
         t_train = time.perf_counter()
         gen = torch.Generator().manual_seed(cfg.seed * 31 + self.step_index)
         agg: dict[str, list[float]] = {}
         for _ in range(cfg.epochs_per_rollout):
-            for mb in D.minibatch_plan(n_groups, G, cfg.num_minibatches, self.dist, generator=gen):
-                self._update(mb, seqs, masks, adv, old_logp, ref_logp, counts, agg)
+            for mb in minibatch_plan(batch.n_groups, G, cfg.num_minibatches, self.dist, generator=gen):
+                self._update(mb, update, agg)
         if self.ref is not None and cfg.ref_reset_every and (self.step_index + 1) % cfg.ref_reset_every == 0:
             self.ref = self._snapshot()
         t_end = time.perf_counter()
@@ -281,55 +362,57 @@ class Trainer:
         metrics |= {k: sum(v) / len(v) for k, v in agg.items()}
         metrics |= {
             "lr": self.sched.get_last_lr()[0],
-            "time/rollout": batch["t_rollout"], "time/scoring": batch["t_score"], "time/training": t_end - t_train,
-            "time/step": t_end - t_start, "tokens_per_s": n_tokens * cfg.epochs_per_rollout / (t_end - t_train),
-            "generated_tokens_per_s": sum(len(c.token_ids) for c in comps) / max(batch["t_rollout"], 1e-9),
+            "time/rollout": batch.rollout_seconds, "time/scoring": batch.scoring_seconds,
+            "time/training": t_end - t_train, "time/step": t_end - t_start,
+            "tokens_per_s": n_tokens * cfg.epochs_per_rollout / (t_end - t_train),
+            "generated_tokens_per_s": sum(len(c.token_ids) for c in comps) / max(batch.rollout_seconds, 1e-9),
         }
         self.last_samples = [
-            {"prompt": batch["problems"][i].question, "gold": batch["problems"][i].gold, "completion": batch["texts"][i],
-             "reward": batch["scores"][i]["total"], **{f"reward/{k}": v for k, v in batch["scores"][i].items() if k != "total"}}
+            {"prompt": self.problem(batch, i).question, "gold": self.problem(batch, i).gold,
+             "completion": batch.texts[i], "reward": batch.scores[i]["total"],
+             **{f"reward/{k}": v for k, v in batch.scores[i].items() if k != "total"}}
             for i in range(min(len(comps), 2 * G)) if i % G < 2
         ]
         self.step_index += 1
         return D.all_reduce_metrics(metrics, self.dist)
 
-    def _update(self, mb, seqs, masks, adv, old_logp, ref_logp, counts, agg) -> None:
+    def _update(self, minibatch: list[int], batch: UpdateBatch, agg: dict[str, list[float]]) -> None:
+        """One optimizer step on the completions `minibatch`, packed into micro-batches by token budget."""
         cfg, obj = self.cfg, self.cfg.objective
-        seq_masks = [torch.ones(len(old_logp[i])) if counts is None else torch.full((len(old_logp[i]),), float(counts[i])) for i in mb]
-        # global totals + loss × world: FSDP's gradient mean over ranks is then the single-process gradient
-        total_tokens = D.sum_across_ranks(float(sum(m.sum() for m in seq_masks)), self.dist)
-        total_seqs = D.sum_across_ranks(float(sum(1 for m in seq_masks if m.sum() > 0)), self.dist)
-        packs = _pack(self.cfg, [seqs[i] for i in mb], [masks[i] for i in mb]) if mb else []
-        n_passes = D.max_across_ranks(len(packs), self.dist)  # every rank joins every FSDP collective
-        self.opt.zero_grad(set_to_none=True)
-        for pack in packs:
+        token_weights = {i: batch.token_weights(i) for i in minibatch}
+        packs = _pack(cfg, [batch.seqs[i] for i in minibatch], [batch.loss_masks[i] for i in minibatch]) if minibatch else []
+
+        def counts(pack: PackedBatch) -> dict[str, float]:
+            rows = [token_weights[minibatch[j]] for j in pack.seq_index]
+            return {"tokens": float(sum(w.sum() for w in rows)), "seqs": float(sum(1 for w in rows if w.sum() > 0))}
+
+        def loss_fn(pack: PackedBatch, totals: dict[str, float]):
             pack = pack.to(self.device)
             logp, entropy = token_logprobs(self.model, pack.input_ids, pack.targets, pack.positions, pack.doc_ids,
                                            with_entropy=True, mask=pack.loss_mask, temperature=self.loss_temperature)
-            rows = [mb[j] for j in pack.seq_index]
+            rows = [minibatch[j] for j in pack.seq_index]
             cur = pad_sequence(unpack_to_sequences(logp, pack, loss_tokens_only=True), batch_first=True)
             ent = pad_sequence(unpack_to_sequences(entropy, pack, loss_tokens_only=True), batch_first=True)
-            old = pad_sequence([old_logp[i] for i in rows], batch_first=True).to(self.device)
-            mask = pad_sequence([seq_masks[mb.index(i)] for i in rows], batch_first=True).to(self.device)
-            ref = None if ref_logp is None else pad_sequence([ref_logp[i] for i in rows], batch_first=True).to(self.device)
-            loss, stats = _policy_loss(cur, old, adv[rows].to(self.device), mask, obj, ref, total_tokens, total_seqs)
-            aux = self.model.aux_loss()
-            ((loss + (aux if aux is not None else 0.0)) * self.dist.world_size).backward()
+            old = pad_sequence([batch.old_logp[i] for i in rows], batch_first=True).to(self.device)
+            mask = pad_sequence([token_weights[i] for i in rows], batch_first=True).to(self.device)
+            ref = None if batch.ref_logp is None else pad_sequence([batch.ref_logp[i] for i in rows],
+                                                                   batch_first=True).to(self.device)
+            loss, stats = policy_loss(cur, old, batch.advantages[rows].to(self.device), mask, ref_logp=ref,
+                                      total_tokens=totals["tokens"], total_seqs=totals["seqs"], **obj.loss_kwargs())
+            stats["entropy"] = (ent.detach() * mask).sum() / mask.sum().clamp(min=1)
+            stats["logprob_mismatch"] = ((cur.detach() - old).abs() * mask).sum() / mask.sum().clamp(min=1)
+            return loss, stats
+
+        # global totals + loss × world: FSDP's gradient mean over ranks is then the single-process gradient
+        result = train_step(self.model, self.opt, packs, loss_fn, counts=counts, normalizers=("tokens", "seqs"),
+                            info=self.dist, grad_clip=cfg.grad_clip, router_bias_gamma=cfg.router_bias_gamma,
+                            scheduler=self.sched)
+        for stats in result.stats:
             for k, v in stats.items():
                 agg.setdefault(k, []).append(float(v))
-            agg.setdefault("entropy", []).append(float((ent.detach() * mask).sum() / mask.sum().clamp(min=1)))
-            agg.setdefault("logprob_mismatch", []).append(float(((cur.detach() - old).abs() * mask).sum() / mask.sum().clamp(min=1)))
-        for _ in range(n_passes - len(packs)):
-            D.dummy_backward(self.model, self.dist)
-        grad_norm = D.clip_grad_norm(self.model, cfg.grad_clip)
-        agg.setdefault("grad_norm", []).append(grad_norm)
-        D.all_reduce_expert_loads(self.model, self.dist)  # global loads: the same bias update on every rank
-        balance = self.model.expert_load_balance()  # loads counted since the last bias update
-        if balance is not None:
-            agg.setdefault("expert_load_max_over_mean", []).append(balance)
-        self.opt.step()
-        self.sched.step()
-        self.model.update_router_bias(cfg.router_bias_gamma)
+        agg.setdefault("grad_norm", []).append(result.grad_norm)
+        if result.expert_balance is not None:
+            agg.setdefault("expert_load_max_over_mean", []).append(result.expert_balance)
 
     def _logprobs(self, model, seqs, masks) -> list[torch.Tensor]:
         """Completion-token log-probs [len] (fp32, CPU) of each sequence under an unsharded `model` (the
@@ -346,8 +429,8 @@ class Trainer:
                     out[i] = v.float().cpu()
         return out
 
-    def _rollout_metrics(self, batch: dict) -> dict:
-        scores, comps = batch["scores"], batch["comps"]
+    def _rollout_metrics(self, batch: Rollout) -> dict:
+        scores, comps = batch.scores, batch.completions
         if not comps:
             return {}
         n = len(comps)
@@ -367,17 +450,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
-        # one process: checkpoint.save_checkpoint; torchrun: consolidated HF folder + sharded state
-        return D.save_checkpoint(self.run_dir.path, self.step_index, self.model, self.opt, self.sched, self.dist,
-                                 extra_state={"cursor": self.cursor, "order": self.order}, keep_last=2,
-                                 tokenizer=self.tok)
+        # one process: a plain checkpoint; torchrun: consolidated HF folder + sharded state
+        return save_checkpoint(self.run_dir.path, self.step_index, self.model, self.opt, self.sched,
+                               {"cursor": self.cursor, "order": self.order}, keep_last=2, tokenizer=self.tok,
+                               info=self.dist)
 
     def resume(self) -> bool:
         found = load_latest_checkpoint(self.run_dir.path)
         if found is None:
             return False
         step, path = found
-        extra = D.restore_checkpoint(path, self.model, self.opt, self.sched, self.dist)  # any process count
+        extra = restore_checkpoint(path, self.model, self.opt, self.sched, self.dist)  # any process count
         self.cursor, self.order, self.step_index = extra["cursor"], list(extra["order"]), step
         if self.cfg.objective.beta > 0:
             self.ref = self._snapshot()  # a resumed run re-anchors KL at the restored policy
@@ -391,40 +474,11 @@ def _sequences(prompts: list[list[int]], comps) -> tuple[list[list[int]], list[l
     return seqs, masks
 
 
-def _pack(cfg: GRPOConfig, seqs, masks):
+def _pack(cfg: GRPOConfig, seqs, masks) -> list[PackedBatch]:
     """Rows as long as the longest sequence (attention cost grows with row length squared), as many rows
     per forward as the token budget allows."""
     row_len = max(len(s) for s in seqs)
     return pack_sequences(seqs, masks, row_len, rows_per_batch=max(1, cfg.micro_batch_tokens // row_len))
-
-
-def _policy_loss(cur, old, adv, mask, obj: Objective, ref, total_tokens, total_seqs):
-    return policy_loss(cur, old, adv, mask, ref_logp=ref, total_tokens=total_tokens, total_seqs=total_seqs,
-                       **obj.loss_kwargs())
-
-
-def _select_groups(batch: dict, groups: list[int], G: int) -> dict:
-    keep_comps = [i for g in groups for i in range(g * G, (g + 1) * G)]
-    remap = {g: j for j, g in enumerate(groups)}
-    comps = []
-    for i in keep_comps:
-        c = copy.copy(batch["comps"][i])
-        c.prompt_index = remap[i // G]
-        comps.append(c)
-    return dict(batch, problem_ids=[batch["problem_ids"][g] for g in groups], prompts=[batch["prompts"][g] for g in groups],
-                comps=comps, texts=[batch["texts"][i] for i in keep_comps], problems=[batch["problems"][i] for i in keep_comps],
-                scores=[batch["scores"][i] for i in keep_comps])
-
-
-def _concat_rollouts(a: dict, b: dict, G: int) -> dict:
-    shift = len(a["problem_ids"])
-    comps = list(a["comps"])
-    for c in b["comps"]:
-        c = copy.copy(c)
-        c.prompt_index += shift
-        comps.append(c)
-    out = {k: a[k] + b[k] for k in ("problem_ids", "prompts", "texts", "problems", "scores")}
-    return dict(out, comps=comps, t_rollout=a["t_rollout"] + b["t_rollout"], t_score=a["t_score"] + b["t_score"])
 
 
 def train_grpo(cfg: GRPOConfig, run_dir: RunDir, model, tokenizer, *, resume: bool = False, on_step=None,

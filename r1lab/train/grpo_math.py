@@ -17,7 +17,7 @@ prompt g at index g * G + j); B sequences × T completion tokens for the loss.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -136,21 +136,6 @@ def overlong_filter_mask(finish_reasons: Sequence[str]) -> torch.Tensor:
     return torch.tensor([reason != "length" for reason in finish_reasons], dtype=torch.bool)
 
 
-def soft_overlong_penalty(lengths: torch.Tensor | Sequence[int], max_len: int, cache_len: int) -> torch.Tensor:
-    """DAPO soft overlong punishment [N] (float32), added to the task reward.
-
-        0                                  if L <= max_len - cache_len
-        ((max_len - cache_len) - L) / cache_len   if max_len - cache_len < L <= max_len   (0 → -1 linearly)
-        -1                                 if L > max_len
-    """
-    if not 0 <= cache_len <= max_len:
-        raise ValueError(f"need 0 <= cache_len <= max_len, got cache_len={cache_len}, max_len={max_len}")
-    L = torch.as_tensor(lengths, dtype=torch.float32)
-    free = max_len - cache_len
-    ramp = (free - L) / max(cache_len, 1)
-    return torch.where(L <= free, torch.zeros_like(L), torch.where(L <= max_len, ramp, -torch.ones_like(L)))
-
-
 # ----------------------------------------------------------------------------- the loss
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Schulman's k3 estimator of KL(π_θ || π_ref) per sampled token: exp(d) - d - 1 with d = ref - logp.
@@ -162,17 +147,93 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1.0
 
 
-def truncated_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float = 2.0) -> torch.Tensor:
-    """Truncated importance weights min(π_old / π_rollout, cap) per token (no gradient).
-
-    Corrects for the rollout engine's log-probs differing slightly from the trainer's (kernels, dtypes);
-    pass the result as policy_loss(is_weights=...).
-    """
-    return torch.exp(old_logp - rollout_logp).clamp(max=cap).detach()
-
-
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+# The loss is assembled from small registered pieces (a ratio level, an aggregation), chosen by name in
+# the Objective; a new variant is one decorated function.
+RATIO_LEVELS: dict[str, Callable[..., torch.Tensor]] = {}
+AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def register_ratio_level(name: str):
+    """Register fn(log_ratio [B, T], mask [B, T] float) -> log-ratio [B, T] under `name`."""
+    def add(fn):
+        RATIO_LEVELS[name] = fn
+        return fn
+    return add
+
+
+def register_aggregation(name: str):
+    """Register fn(per_token [B, T], mask [B, T] float, *, total_tokens, total_seqs, constant_normalizer)
+    -> 0-dim loss under `name`; the totals are None for a stand-alone batch."""
+    def add(fn):
+        AGGREGATIONS[name] = fn
+        return fn
+    return add
+
+
+@register_ratio_level("token")
+def token_log_ratio(log_ratio: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """log r_t = log π_θ(o_t) - log π_old(o_t), per token (GRPO, DAPO, Dr. GRPO)."""
+    return log_ratio
+
+
+@register_ratio_level("sequence")
+def sequence_log_ratio(log_ratio: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """GSPO: one length-normalized log-ratio per sequence, mean_t (log π_θ - log π_old), for all its tokens."""
+    seq_log_ratio = log_ratio.sum(-1) / m.sum(-1).clamp(min=1)
+    return seq_log_ratio[:, None].expand_as(log_ratio)
+
+
+def clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, clip_low: float, clip_high: float) -> torch.Tensor:
+    """PPO's clipped surrogate per token, to minimize: -min(r·A, clip(r, 1 - ε_low, 1 + ε_high)·A)."""
+    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    return -torch.minimum(ratio * adv, clipped * adv)
+
+
+@register_aggregation("token_mean")
+def token_mean(per_token, m, *, total_tokens=None, total_seqs=None, constant_normalizer=None) -> torch.Tensor:
+    """DAPO: sum over active tokens / number of active tokens (of the whole minibatch when given)."""
+    denom = m.sum().clamp(min=1) if total_tokens is None else total_tokens
+    return (per_token * m).sum() / denom
+
+
+@register_aggregation("seq_mean_token_mean")
+def seq_mean_token_mean(per_token, m, *, total_tokens=None, total_seqs=None, constant_normalizer=None) -> torch.Tensor:
+    """GRPO: mean over sequences of each sequence's token mean; all-masked rows are skipped."""
+    seq_tokens = m.sum(-1)
+    seq_loss = (per_token * m).sum(-1) / seq_tokens.clamp(min=1)
+    denom = (seq_tokens > 0).sum().clamp(min=1) if total_seqs is None else total_seqs
+    return seq_loss.sum() / denom
+
+
+@register_aggregation("constant")
+def constant_normalized(per_token, m, *, total_tokens=None, total_seqs=None, constant_normalizer=None) -> torch.Tensor:
+    """Dr. GRPO: sum over active tokens / (sequences × a constant length; default the batch's T)."""
+    B, T = per_token.shape
+    norm = T if constant_normalizer is None else constant_normalizer
+    return (per_token * m).sum() / ((B if total_seqs is None else total_seqs) * norm)
+
+
+def clip_stats(ratio: torch.Tensor, adv: torch.Tensor, active: torch.Tensor, m: torch.Tensor, clip_low: float,
+               clip_high: float) -> dict[str, torch.Tensor]:
+    """Where the clip removes the gradient (the clipped branch wins the min: r above 1 + ε_high with A > 0,
+    or below 1 - ε_low with A < 0) and the ratio's spread, over the active tokens."""
+    high = (ratio > 1.0 + clip_high) & (adv > 0) & active
+    low = (ratio < 1.0 - clip_low) & (adv < 0) & active
+    n = active.sum().clamp(min=1)
+    big = torch.finfo(ratio.dtype).max
+    return {
+        "clip_frac": (high | low).sum() / n,
+        "clip_frac_high": high.sum() / n,
+        "clip_frac_low": low.sum() / n,
+        "ratio_mean": _masked_mean(ratio, m),
+        "ratio_max": torch.where(active, ratio, 0.0).amax(),  # ratios are > 0, so 0 is neutral
+        "ratio_min": torch.where(active, ratio, big).amin(),
+        "tokens": active.sum().to(ratio.dtype),
+    }
 
 
 def policy_loss(
@@ -188,7 +249,6 @@ def policy_loss(
     constant_normalizer: float | None = None,
     ref_logp: torch.Tensor | None = None,
     beta: float = 0.0,
-    is_weights: torch.Tensor | None = None,
     total_tokens: float | None = None,
     total_seqs: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -198,25 +258,17 @@ def policy_loss(
     the policy that sampled them; advantages [B] (broadcast over tokens) or [B, T]; mask [B, T] (1 =
     completion token that counts). Per token:
 
-        r    = exp(logp - old_logp)                  ratio_level="token"
-        r_i  = exp(mean_t (logp - old_logp))         ratio_level="sequence" (GSPO), same r for all tokens
-        l    = -min(r·A, clip(r, 1 - clip_low, 1 + clip_high)·A)  +  β · k3(logp, ref_logp)
+        r    = exp(RATIO_LEVELS[ratio_level](logp - old_logp))      token: per token; sequence: GSPO
+        l    = clipped_surrogate(r, A, clip_low, clip_high)  +  β · k3(logp, ref_logp)
 
     clip_high None means clip_high = clip_low (symmetric). R1's ε = 10 is just clip_low = 10: the lower
     bound 1 - 10 < 0 is never reached and the upper bound only bites at r > 11.
     The KL term is added to every token before aggregation, as GRPO does (not folded into the reward).
-
-    aggregation (over the active tokens l_{i,t}):
-        "seq_mean_token_mean"  GRPO:     mean over sequences of (sum_t l / |o_i|); all-masked rows skipped
-        "token_mean"           DAPO:     sum l / number of active tokens
-        "constant"             Dr. GRPO: sum l / (B × constant_normalizer); normalizer defaults to T
+    The tokens are then aggregated by AGGREGATIONS[aggregation] (token_mean, seq_mean_token_mean, constant).
 
     Gradient accumulation: when one optimizer step spans several micro-batches, pass the totals of the
     whole minibatch (total_tokens = active tokens for token_mean, total_seqs = sequences for the other
     two); each micro-batch loss is then its share and summing them gives the full-batch loss exactly.
-
-    is_weights [B, T] (optional, detached): per-token importance weights multiplied into the policy-gradient
-    term (see `truncated_is_weights`).
 
     Stats (masked token means unless noted): pg_loss, kl (if ref_logp given), clip_frac (share of tokens
     whose gradient the clip removes), clip_frac_low / clip_frac_high, ratio_mean, ratio_max, ratio_min,
@@ -227,6 +279,10 @@ def policy_loss(
         raise ValueError(f"{shapes}: shapes must match")
     if beta and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp (log-probs of the reference policy)")
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"unknown ratio_level {ratio_level!r}; expected one of {sorted(RATIO_LEVELS)}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {sorted(AGGREGATIONS)}")
     clip_high = clip_low if clip_high is None else clip_high
     active = mask.bool()
     m = active.to(logp.dtype)
@@ -237,58 +293,18 @@ def policy_loss(
     ref_logp = None if ref_logp is None else torch.where(active, ref_logp.detach(), zero)
     adv = advantages.detach().to(logp.dtype)
     adv = adv[:, None].expand_as(logp) if adv.dim() == 1 else adv
-    log_ratio = logp - old_logp
-    if ratio_level == "token":
-        pass
-    elif ratio_level == "sequence":
-        seq_log_ratio = log_ratio.sum(-1) / m.sum(-1).clamp(min=1)
-        log_ratio = seq_log_ratio[:, None].expand_as(logp)
-    else:
-        raise ValueError(f"unknown ratio_level {ratio_level!r}; expected token or sequence")
-    ratio = torch.exp(log_ratio)
-    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    pg = -torch.minimum(ratio * adv, clipped * adv)
-    if is_weights is not None:
-        pg = pg * torch.where(active, is_weights.detach().to(logp.dtype), zero)
+    ratio = torch.exp(RATIO_LEVELS[ratio_level](logp - old_logp, m))
+    pg = clipped_surrogate(ratio, adv, clip_low, clip_high)
     per_token = pg
     kl = None
     if ref_logp is not None:
         kl = k3_kl(logp, ref_logp)
         if beta:
             per_token = per_token + beta * kl
-
-    B, T = logp.shape
-    if aggregation == "token_mean":
-        denom = m.sum().clamp(min=1) if total_tokens is None else total_tokens
-        loss = (per_token * m).sum() / denom
-    elif aggregation == "seq_mean_token_mean":
-        seq_tokens = m.sum(-1)
-        seq_loss = (per_token * m).sum(-1) / seq_tokens.clamp(min=1)
-        denom = (seq_tokens > 0).sum().clamp(min=1) if total_seqs is None else total_seqs
-        loss = seq_loss.sum() / denom
-    elif aggregation == "constant":
-        norm = T if constant_normalizer is None else constant_normalizer
-        loss = (per_token * m).sum() / ((B if total_seqs is None else total_seqs) * norm)
-    else:
-        raise ValueError(f"unknown aggregation {aggregation!r}; expected seq_mean_token_mean, token_mean or constant")
-
+    loss = AGGREGATIONS[aggregation](per_token, m, total_tokens=total_tokens, total_seqs=total_seqs,
+                                     constant_normalizer=constant_normalizer)
     with torch.no_grad():
-        # The clip removes the gradient exactly where the clipped branch wins the min: r above 1 + ε_high
-        # with A > 0, or r below 1 - ε_low with A < 0.
-        high = (ratio > 1.0 + clip_high) & (adv > 0) & active
-        low = (ratio < 1.0 - clip_low) & (adv < 0) & active
-        n = active.sum().clamp(min=1)
-        big = torch.finfo(ratio.dtype).max
-        stats = {
-            "pg_loss": _masked_mean(pg, m),
-            "clip_frac": (high | low).sum() / n,
-            "clip_frac_high": high.sum() / n,
-            "clip_frac_low": low.sum() / n,
-            "ratio_mean": _masked_mean(ratio, m),
-            "ratio_max": torch.where(active, ratio, 0.0).amax(),  # ratios are > 0, so 0 is neutral
-            "ratio_min": torch.where(active, ratio, big).amin(),
-            "tokens": active.sum().to(logp.dtype),
-        }
+        stats = {"pg_loss": _masked_mean(pg, m), **clip_stats(ratio, adv, active, m, clip_low, clip_high)}
         if kl is not None:
             stats["kl"] = _masked_mean(kl, m)
     return loss, {k: v.detach() for k, v in stats.items()}
@@ -302,8 +318,8 @@ class Objective:
     The defaults are DeepSeekMath GRPO with β = 0 (TRL's default: no reference model to hold).
 
     `loss_kwargs()` feeds policy_loss; `advantage_kwargs()` feeds group_advantages; the three filters are
-    switches the trainer applies (overlong filter on the loss mask, soft penalty on rewards, dynamic
-    sampling on groups).
+    switches the trainer applies (overlong filter on the loss mask, DAPO's soft overlong penalty as the
+    `overlong` reward term, dynamic sampling on groups).
     """
 
     advantage_scale: AdvantageScale = "group_std"
@@ -316,7 +332,9 @@ class Objective:
     beta: float = 0.0
     mask_truncated: bool = False
     dynamic_sampling: bool = False
-    soft_overlong_cache: int = 0  # 0 = no soft overlong penalty; else DAPO's L_cache in tokens
+    soft_overlong_cache: int = 0
+    """0: no soft overlong penalty; else DAPO's L_cache in tokens: the GRPO trainer adds the `overlong` reward
+    (rewards.overlong_penalty) with max_len = its max_new_tokens (DAPO: 4,096 of 20,480)."""
 
     PRESETS = {
         "grpo": dict(beta=0.04),  # DeepSeekMath

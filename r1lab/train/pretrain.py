@@ -18,12 +18,15 @@ import torch
 
 import r1lab.model as rm
 from r1lab.config import check_ranges
-from r1lab.corpus import CorpusConfig, generate_corpus, pretrain_texts
+from r1lab.tasks.corpus import CorpusConfig, generate_corpus, pretrain_texts
 from r1lab.tokenizer import Tokenizer, train_bpe
-from r1lab.train import distributed as D
+from r1lab import distributed as D
+from r1lab.run_dir import RunDir
+from r1lab.train.checkpoint import save_model_folder
 from r1lab.train.logprobs import logprobs_from_hidden, mtp_loss_sums
 from r1lab.train.optim import adamw, warmup_cosine_lr
-from r1lab.train.run_dir import RunDir
+from r1lab.train.parallel import shard_model
+from r1lab.train.step import train_step
 
 
 @dataclass
@@ -113,57 +116,47 @@ def pretrain(cfg: PretrainConfig, run_dir: RunDir, log=print, dist: D.DistInfo |
     # fp32 master weights; "bfloat16" means bf16 autocast for the matmuls (CUDA), never bf16 weight updates.
     model = rm.build(args, seed=cfg.seed).to(device=device).train()
     if info.is_distributed:  # before the optimizer sees the parameters
-        D.shard_model(model, info)
+        shard_model(model, info)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16" and device.type == "cuda")
     log(f"model: {model.num_parameters():,} params ({model.num_parameters(active=True):,} active)")
     opt = adamw(model, cfg.lr, cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     use_mtp = bool(cfg.mtp_weight and model.mtp)
+
+    def loss_fn(batch: torch.Tensor, totals: dict[str, float]):
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        with autocast:
+            hidden = model.forward_hidden(inputs)
+            loss = -logprobs_from_hidden(model, hidden, targets).mean()
+            total = loss
+            if use_mtp:
+                mtp_sum, mtp_count = mtp_loss_sums(model, hidden, inputs)
+                total = total + cfg.mtp_weight * mtp_sum / mtp_count
+        # every term is a mean over equally long rows: weight this rank's means by its share of the rows
+        return total * (len(batch) / totals["rows"]), {"loss": loss.detach()}
+
     for step in range(cfg.steps):
         picks = torch.randint(0, len(rows), (cfg.batch_size,), generator=gen)  # the same global batch on every rank
         if info.is_distributed:
             picks = picks[slice(*D.share_bounds(cfg.batch_size, info))]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        opt.zero_grad(set_to_none=True)
-        if len(picks):
-            batch = rows[picks].to(device)
-            inputs, targets = batch[:, :-1], batch[:, 1:]
-            with autocast:
-                hidden = model.forward_hidden(inputs)
-                loss = -logprobs_from_hidden(model, hidden, targets).mean()
-                total = loss
-                if use_mtp:
-                    mtp_sum, mtp_count = mtp_loss_sums(model, hidden, inputs)
-                    total = total + cfg.mtp_weight * mtp_sum / mtp_count
-            aux = model.aux_loss()
-            if aux is not None:
-                total = total + aux
-            if info.world_size > 1:
-                # Every term is a mean over equally long rows: weight this rank's means by its share of the
-                # rows, × world because FSDP averages gradients over ranks.
-                total = total * (len(picks) * info.world_size / cfg.batch_size)
-            total.backward()
-        else:  # fewer rows than ranks: join the others' FSDP collectives with a zero gradient
-            loss = torch.zeros((), device=device)
-            D.dummy_backward(model, info, mtp=use_mtp)
-        grad_norm = D.clip_grad_norm(model, cfg.grad_clip)
-        opt.step()
-        D.all_reduce_expert_loads(model, info)  # global loads: the same bias update on every rank
-        logging = step % cfg.log_every == 0 or step == cfg.steps - 1
-        balance = model.expert_load_balance() if logging else None  # before the bias update resets the loads
-        model.update_router_bias(cfg.router_bias_gamma)
-        if logging:
-            loss_value = loss.item()
+        batches = [rows[picks].to(device)] if len(picks) else []  # fewer rows than ranks: padding passes only
+        result = train_step(model, opt, batches, loss_fn, counts=lambda b: {"rows": len(b)}, normalizers=("rows",),
+                            info=info, grad_clip=cfg.grad_clip, router_bias_gamma=cfg.router_bias_gamma,
+                            dummy_mtp=use_mtp)
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            loss_value = float(result.stats[0]["loss"]) if result.stats else 0.0
             if info.is_distributed:  # mean over all rows of the global batch
                 loss_value = D.sum_across_ranks(loss_value * len(picks), info) / cfg.batch_size
             if main:
-                run_dir.log_metrics(step, {"loss": loss_value, "grad_norm": grad_norm, "lr": lr_at(step, cfg),
-                                           "expert_load_max_over_mean": balance or 0.0})
-            log(f"step {step:5d}  loss {loss_value:.3f}  grad_norm {grad_norm:.2f}  lr {lr_at(step, cfg):.2e}  {time.time() - t0:.0f}s")
+                run_dir.log_metrics(step, {"loss": loss_value, "grad_norm": result.grad_norm, "lr": lr_at(step, cfg),
+                                           "expert_load_max_over_mean": result.expert_balance or 0.0})
+            log(f"step {step:5d}  loss {loss_value:.3f}  grad_norm {result.grad_norm:.2f}  lr {lr_at(step, cfg):.2e}  "
+                f"{time.time() - t0:.0f}s")
     model.eval()
     run_dir.close()
-    target = D.save_model_folder(model, tok, info, run_dir.path / "model")  # every rank; rank 0 writes
+    target = save_model_folder(model, tok, info, run_dir.path / "model")  # every rank; rank 0 writes
     return target
 
 

@@ -37,13 +37,15 @@ from torch import nn
 
 import r1lab.model as rm
 from r1lab.config import check_ranges
-from r1lab.corpus import generate_cold_start
+from r1lab.tasks.corpus import generate_cold_start
 from r1lab.tokenizer import Tokenizer, load_tokenizer
-from r1lab.train import distributed as D
+from r1lab import distributed as D
+from r1lab.run_dir import RunDir
 from r1lab.train.batching import pack_sequences
 from r1lab.train.checkpoint import load_latest_checkpoint, restore, save_checkpoint
-from r1lab.train.run_dir import RunDir
-from r1lab.train.sft import adamw, encode_example, load_model_and_tokenizer, load_records, warmup_cosine_lr
+from r1lab.train.optim import adamw, warmup_cosine_lr
+from r1lab.train.sft import encode_example, load_records, model_for_training
+from r1lab.train.step import train_step
 
 HEAD_FILE = "reward_head.safetensors"
 HEAD_CONFIG = "reward_head.json"
@@ -72,6 +74,19 @@ class RewardModelNet(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.head.weight.device
+
+    # the body's MoE protocol, so train.step.train_step steps a reward model like any transformer
+    def aux_loss(self) -> torch.Tensor | None:
+        return self.body.aux_loss()
+
+    def moe_layers(self) -> list:
+        return self.body.moe_layers()
+
+    def expert_load_balance(self) -> float | None:
+        return self.body.expert_load_balance()
+
+    def update_router_bias(self, gamma: float) -> None:
+        self.body.update_router_bias(gamma)
 
     def forward_packed(self, input_ids: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor,
                        spans: Sequence[tuple[int, int, int]]) -> torch.Tensor:
@@ -292,6 +307,8 @@ class RewardModelConfig:
     """AdamW weight decay on matrices."""
     grad_clip: float = 1.0
     """Max global grad norm (0 disables)."""
+    router_bias_gamma: float = 1e-3
+    """Aux-loss-free MoE bias update speed γ of an MoE body, after every optimizer step (0 freezes routing)."""
     max_len: int = 512
     """Longest prompt + response in tokens; longer ones keep their last max_len tokens."""
     micro_batch_tokens: int = 8192
@@ -353,29 +370,6 @@ def pair_accuracy(net: RewardModelNet, chosen: list[list[int]], rejected: list[l
     return {"accuracy": correct / n, "loss": loss / n, "margin": margin / n}
 
 
-def _sum_gradients(params: list[torch.nn.Parameter], info: D.DistInfo) -> None:
-    """Data parallelism over plain replicas: add up the ranks' gradients (one collective for the flags, one
-    for the values). A parameter gets a gradient when some rank produced one (the others count zeros), so
-    parameters the model never uses keep none, as in one process. Nothing to do in one process."""
-    import torch.distributed as tdist
-
-    if not info.is_distributed:
-        return
-
-    has = torch.tensor([float(p.grad is not None) for p in params], device=info.device)
-    tdist.all_reduce(has, op=tdist.ReduceOp.MAX)
-    used = [p for p, h in zip(params, has.tolist()) if h]
-    if not used:
-        return
-    for p in used:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1).float() for p in used])
-    tdist.all_reduce(flat)
-    for p, part in zip(used, flat.split([p.numel() for p in used])):
-        p.grad.copy_(part.view_as(p.grad))
-
-
 def train_reward_model(cfg: RewardModelConfig, run_dir: RunDir | str | Path, *, net: RewardModelNet | None = None,
                        tokenizer: Tokenizer | None = None, log: Callable[[str], None] = print,
                        on_step: Callable[[int, dict], None] | None = None,
@@ -397,8 +391,8 @@ def train_reward_model(cfg: RewardModelConfig, run_dir: RunDir | str | Path, *, 
     device = str(info.device)  # the rank's own GPU under torchrun
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     if net is None:
-        body, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer, seed=cfg.seed, device=device,
-                                             dtype=cfg.dtype, tokenizer=tokenizer)
+        body, tok = model_for_training(cfg.model, cfg.tokenizer, seed=cfg.seed, device=device, dtype=cfg.dtype,
+                                       tokenizer=tokenizer)
         net = RewardModelNet(body, seed=cfg.seed)
     else:
         tok = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model)
@@ -503,31 +497,24 @@ def train_reward_model(cfg: RewardModelConfig, run_dir: RunDir | str | Path, *, 
 def _train_step(net: RewardModelNet, opt, members: list[int], chosen: list[list[int]], rejected: list[list[int]],
                 cfg: RewardModelConfig, info: D.DistInfo) -> dict[str, float]:
     """One optimizer step on the pairs `members`. Data-parallel under torchrun: this rank's share of them, the
-    Bradley-Terry loss as a sum over the share divided by the global pair count (the MoE balance loss
-    weighted by the share), the gradients summed over ranks; the same clipped update on every replica.
-    One process: the share is everything. Returns the step's metrics over all pairs."""
+    Bradley-Terry loss as a sum over the share divided by the global pair count, the gradients summed over the
+    replicas (train_step); one process: the share is everything. Returns the step's metrics over all pairs."""
     t0 = time.time()
     mine = D.rank_share(members, info)
     seqs = [chosen[i] for i in mine] + [rejected[i] for i in mine]
-    opt.zero_grad(set_to_none=True)
-    sums = [0.0, 0.0, 0.0, float(sum(map(len, seqs)))]
-    if mine:
+
+    def loss_fn(share: list[int], totals: dict[str, float]):
         rewards = net.rewards(seqs, cfg.micro_batch_tokens)
-        rc, rr = rewards[: len(mine)], rewards[len(mine):]
+        rc, rr = rewards[: len(share)], rewards[len(share):]
         pair_losses = -F.logsigmoid(rc - rr)  # bradley_terry_loss per pair
-        loss = pair_losses.sum() / len(members)
-        aux = net.body.aux_loss()
-        if aux is not None:
-            loss = loss + aux * (len(mine) / len(members))
-        loss.backward()
-        sums[:3] = [float(pair_losses.detach().sum()), float((rc > rr).float().sum()), float((rc - rr).detach().sum())]
-    params = [p for p in net.parameters() if p.requires_grad]
-    _sum_gradients(params, info)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    opt.step()
-    D.all_reduce_expert_loads(net.body, info)  # global loads: the same bias update on every replica
-    net.body.update_router_bias(1e-3)
+        sums = [float(pair_losses.detach().sum()), float((rc > rr).float().sum()), float((rc - rr).detach().sum())]
+        return pair_losses.sum() / totals["pairs"], {"sums": sums}
+
+    result = train_step(net, opt, [mine] if mine else [], loss_fn, counts=lambda share: {"pairs": len(share)},
+                        normalizers=("pairs",), info=info, grad_clip=cfg.grad_clip,
+                        router_bias_gamma=cfg.router_bias_gamma)
+    sums = (result.stats[0]["sums"] if result.stats else [0.0, 0.0, 0.0]) + [float(sum(map(len, seqs)))]
     loss_sum, correct, margin, tokens = D.sums_across_ranks(sums, info)
     n = len(members)
-    return {"loss": loss_sum / n, "accuracy": correct / n, "margin": margin / n, "grad_norm": float(grad_norm),
+    return {"loss": loss_sum / n, "accuracy": correct / n, "margin": margin / n, "grad_norm": result.grad_norm,
             "tokens_per_s": tokens / max(time.time() - t0, 1e-9)}

@@ -27,12 +27,14 @@ import r1lab.model as rm
 from r1lab.config import ConfigError, check_ranges
 from r1lab.errors import DataFileError
 from r1lab.tokenizer import Tokenizer, load_tokenizer
-from r1lab.train import distributed as D
+from r1lab import distributed as D
+from r1lab.run_dir import RunDir
 from r1lab.train.batching import PackedBatch, pack_sequences
-from r1lab.train.checkpoint import load_latest_checkpoint
+from r1lab.train.checkpoint import load_latest_checkpoint, restore_checkpoint, save_checkpoint, save_model_folder
 from r1lab.train.logprobs import logprobs_from_hidden, mtp_loss_sums
-from r1lab.train.optim import adamw, warmup_cosine_lr  # noqa: F401 (re-exported)
-from r1lab.train.run_dir import RunDir
+from r1lab.train.optim import adamw, warmup_cosine_lr
+from r1lab.train.parallel import shard_model
+from r1lab.train.step import train_step
 
 
 @dataclass
@@ -267,29 +269,20 @@ def sft_loss_sums(model, batch: PackedBatch, *, chunk_size: int = 1024, with_mtp
 
 
 # ----------------------------------------------------------------------------------------- model
-def load_model_and_tokenizer(model_spec: str, tokenizer_path: str | None, *, seed: int, device: str, dtype: str,
-                             model: Any = None, tokenizer: Tokenizer | None = None, overrides: dict | None = None):
-    """(model, tokenizer) from objects, an HF folder or a preset name (fresh weights sized to the tokenizer)."""
-    if tokenizer is None:
-        source = tokenizer_path or (model_spec if Path(model_spec).is_dir() else None)
-        if source is None:
-            raise ConfigError(f"model {model_spec!r} is a preset: give a tokenizer folder (tokenizer=...)")
-        tokenizer = load_tokenizer(source)
-    torch_dtype = getattr(torch, dtype)
+def model_for_training(spec: str, tokenizer_spec: str | None, *, seed: int, device, dtype: str, model: Any = None,
+                       tokenizer: Tokenizer | None = None, preset_overrides: dict | None = None):
+    """(model, tokenizer) to train: the given objects (moved to device and dtype), else loaded from an HF
+    folder or built fresh from a preset (r1lab.model.load_model_and_tokenizer)."""
     if model is None:
-        if Path(model_spec).is_dir():
-            model = rm.load(model_spec, dtype=torch_dtype, device=device)
-        elif model_spec in rm.PRESETS:
-            args = rm.preset(model_spec, **{**(overrides or {}), "vocab_size": tokenizer.vocab_size,
-                                            "eos_token_id": tokenizer.eos_id, "bos_token_id": tokenizer.bos_id,
-                                            "pad_token_id": tokenizer.pad_id})
-            model = rm.build(args, seed=seed)
-        else:
-            raise FileNotFoundError(f"model {model_spec!r}: not a folder and not a preset ({', '.join(rm.PRESETS)})")
-    model = model.to(device=torch.device(device), dtype=torch_dtype)
-    if tokenizer.vocab_size > model.args.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is "
-                         f"{model.args.vocab_size}: they do not belong together")
+        return rm.load_model_and_tokenizer(spec, tokenizer=tokenizer or tokenizer_spec, device=device, dtype=dtype,
+                                           seed=seed, preset_overrides=preset_overrides)
+    if tokenizer is None:
+        source = tokenizer_spec or (spec if Path(spec).is_dir() else None)
+        if source is None:
+            raise ConfigError(f"model {spec!r} is a preset: give a tokenizer folder (tokenizer=...)")
+        tokenizer = load_tokenizer(source)
+    model = model.to(device=torch.device(device), dtype=getattr(torch, dtype))
+    rm.check_vocabulary(model, tokenizer)
     return model, tokenizer
 
 
@@ -337,8 +330,8 @@ def train_sft(cfg: SFTConfig, run_dir: RunDir | str | Path, model=None, tokenize
     log = D.rank0_log(log, info)
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     device = info.device
-    model, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer, seed=cfg.seed, device=str(device),
-                                          dtype=cfg.dtype, model=model, tokenizer=tokenizer)
+    model, tok = model_for_training(cfg.model, cfg.tokenizer, seed=cfg.seed, device=str(device), dtype=cfg.dtype,
+                                    model=model, tokenizer=tokenizer)
     data = encode_dataset(load_records(cfg.data), tok, cfg)
     lengths = [len(s) for s in data.seqs]
     plan = plan_steps(lengths, cfg.tokens_per_step, cfg.epochs, cfg.seed)
@@ -348,7 +341,7 @@ def train_sft(cfg: SFTConfig, run_dir: RunDir | str | Path, model=None, tokenize
         + (f", {info.world_size} processes" if info.is_distributed else ""))
 
     if info.is_distributed:  # before the optimizer sees the parameters
-        D.shard_model(model, info)
+        shard_model(model, info)
     model.train()
     model.gradient_checkpointing = cfg.gradient_checkpointing
     opt = adamw(model, cfg.lr, cfg.weight_decay)
@@ -356,7 +349,7 @@ def train_sft(cfg: SFTConfig, run_dir: RunDir | str | Path, model=None, tokenize
     start, first_loss, last_loss = 0, None, None
     found = load_latest_checkpoint(run_dir.path) if cfg.resume else None
     if found is not None:
-        extra = D.restore_checkpoint(found[1], model, opt, None, info)  # a sharded one: any process count
+        extra = restore_checkpoint(found[1], model, opt, None, info)  # a sharded one: any process count
         if extra.get("fingerprint") != fingerprint:
             raise ValueError(f"{found[1]}: checkpoint was made for different data or settings "
                              f"({extra.get('fingerprint')} vs now {fingerprint}); use a new run directory")
@@ -380,37 +373,27 @@ def train_sft(cfg: SFTConfig, run_dir: RunDir | str | Path, model=None, tokenize
         for group in opt.param_groups:
             group["lr"] = lr
         mine = D.rank_share(members, info) if info.is_distributed else members
-        batches = pack_sequences([data.seqs[i] for i in mine], [data.masks[i] for i in mine],
-                                 cfg.micro_batch_tokens) if mine else []
-        # global counts (the values themselves with one process): response tokens, micro-batches, passes
-        step_tokens, n_batches = (int(x) for x in D.sums_across_ranks(
-            [sum(int(b.loss_mask.sum()) for b in batches), len(batches)], info))
-        n_passes = D.max_across_ranks(len(batches), info)
-        ce_total = mtp_total = mtp_count = torch.zeros((), device=device)  # summed on device: one sync per step
-        opt.zero_grad(set_to_none=True)
-        for batch in batches:
-            batch = _pad_to(batch, min_len).to(device)
+        batches = [_pad_to(b, min_len).to(device) for b in pack_sequences(
+            [data.seqs[i] for i in mine], [data.masks[i] for i in mine], cfg.micro_batch_tokens)] if mine else []
+
+        def loss_fn(batch: PackedBatch, totals: dict[str, float]):
             sums = sft_loss_sums(model, batch, chunk_size=cfg.chunk_size, with_mtp=use_mtp)
             # Normalizing by the step's response tokens makes the accumulated gradient that of one big batch.
-            loss = sums["ce_sum"] / max(step_tokens, 1)
+            loss = sums["ce_sum"] / max(totals["tokens"], 1)
             if use_mtp:
-                loss = loss + cfg.mtp_weight * sums["mtp_sum"] / max(step_tokens, 1)
-                mtp_total = mtp_total + sums["mtp_sum"].detach()
+                loss = loss + cfg.mtp_weight * sums["mtp_sum"] / max(totals["tokens"], 1)
+            return loss, {k: v.detach() for k, v in sums.items() if k != "tokens"}
+
+        result = train_step(model, opt, batches, loss_fn, counts=lambda b: {"tokens": int(b.loss_mask.sum())},
+                            normalizers=("tokens",), info=info, grad_clip=cfg.grad_clip,
+                            router_bias_gamma=cfg.router_bias_gamma, dummy_mtp=use_mtp)
+        step_tokens, grad_norm, balance = int(result.totals["tokens"]), result.grad_norm, result.expert_balance
+        ce_total = mtp_total = mtp_count = torch.zeros((), device=device)  # summed on device: one sync per step
+        for sums in result.stats:
+            ce_total = ce_total + sums["ce_sum"]
+            if use_mtp:
+                mtp_total = mtp_total + sums["mtp_sum"]
                 mtp_count = mtp_count + sums["mtp_tokens"]
-            aux = model.aux_loss()
-            if aux is not None:
-                loss = loss + aux / n_batches
-            if info.world_size > 1:  # FSDP averages gradients over ranks: undo it, Σ over ranks remains
-                loss = loss * info.world_size
-            loss.backward()
-            ce_total = ce_total + sums["ce_sum"].detach()
-        for _ in range(n_passes - len(batches)):  # join the other ranks' FSDP collectives, zero gradient
-            D.dummy_backward(model, info, mtp=use_mtp)
-        grad_norm = D.clip_grad_norm(model, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        opt.step()
-        D.all_reduce_expert_loads(model, info)  # global loads: the same bias update on every rank
-        balance = model.expert_load_balance() if model.args.is_moe else None  # before the update resets loads
-        model.update_router_bias(cfg.router_bias_gamma)  # γ = 0 still resets the per-step load counts
         ce_sum, n_tokens, mtp_sum, mtp_n = D.sums_across_ranks(
             [float(ce_total), sum(b.num_tokens for b in batches), float(mtp_total), float(mtp_count)], info)
         n_tokens = int(n_tokens)
@@ -430,13 +413,13 @@ def train_sft(cfg: SFTConfig, run_dir: RunDir | str | Path, model=None, tokenize
                 f"{metrics['tokens_per_s']:.0f} tok/s")
         if done == total_steps or (cfg.save_every and done % cfg.save_every == 0):
             extra_state = {"fingerprint": fingerprint, "first_loss": first_loss, "last_loss": last_loss}
-            D.save_checkpoint(run_dir.path, done, model, opt, None, info, extra_state=extra_state,
-                              keep_last=cfg.keep_checkpoints, tokenizer=tok)
+            save_checkpoint(run_dir.path, done, model, opt, None, extra_state, keep_last=cfg.keep_checkpoints,
+                            tokenizer=tok, info=info)
         if on_step is not None and main:
             on_step(step, metrics)
 
     model.eval()
-    target = D.save_model_folder(model, tok, info, run_dir.path / "model")  # every rank; rank 0 writes
+    target = save_model_folder(model, tok, info, run_dir.path / "model")  # every rank; rank 0 writes
     if main:
         run_dir.write_summary({"examples": len(data.seqs), "dropped_overlong": data.dropped,
                                "truncated_overlong": data.truncated, "steps": total_steps, "epochs": cfg.epochs,
