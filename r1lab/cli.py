@@ -31,7 +31,7 @@ def info(model: str = typer.Argument(..., help="An HF model folder or a preset n
 
 @app.command("import-gguf")
 def import_gguf(
-    source: str = typer.Argument(..., help="A .gguf file, or 'smollm2' / 'qwen2.5-coder-0.5b' from their PyPI packages."),
+    source: str = typer.Argument(..., help="A .gguf file, or 'smollm2' / 'qwen2.5-coder-0.5b' / 'qwen2.5-coder-1.5b' from their PyPI packages."),
     out: Path = typer.Argument(..., help="Output HF folder."),
     dtype: str = typer.Option("bfloat16", help="Weight dtype to write."),
 ):
@@ -329,6 +329,7 @@ def serve(
     max_tokens_limit: Optional[int] = typer.Option(None, help="Largest max_tokens a request may ask for."),
     max_num_seqs: Optional[int] = typer.Option(None, help="Sequences decoded together (64 CPU / 256 CUDA)."),
     template: str = typer.Option("auto", help="Chat prompt format: auto, chat or r1_zero."),
+    max_body_bytes: int = typer.Option(2 * 1024 * 1024, help="Largest request body in bytes (413 above it)."),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("auto"),
 ):
@@ -336,7 +337,8 @@ def serve(
     from r1lab.serve.server import serve as run_server
 
     run_server(model, host, port, device=device, dtype=dtype, model_name=model_name, max_model_len=max_model_len,
-               max_tokens_limit=max_tokens_limit, max_num_seqs=max_num_seqs, template=template)
+               max_tokens_limit=max_tokens_limit, max_num_seqs=max_num_seqs, template=template,
+               max_body_bytes=max_body_bytes)
 
 
 def main() -> None:

@@ -63,10 +63,11 @@ class Tokenizer:
     """An HF `tokenizers.Tokenizer` plus the special-token and chat-template knowledge r1lab needs.
 
     `encode` never inserts tokens on its own (the backend's post-processor is bypassed); a BOS token is
-    prepended only when asked with `add_bos=True` and the tokenizer has one. `encode_prompt` is the one BOS
-    rule every prompt goes through (training, sampling, evaluation, serving): BOS first when this tokenizer
-    adds one to the text it encodes (its post-processor does, as Llama's and DeepSeek's do; Qwen's does
-    not) and the text does not already begin with it (chat templates write their own).
+    prepended only when asked with `add_bos=True` and the tokenizer has one. `encode_prompt(s)` is the one
+    BOS rule every prompt goes through (training, sampling, evaluation, serving): BOS first when this
+    tokenizer adds one to the text it encodes (its post-processor does, as Llama's and DeepSeek's do; Qwen's
+    does not), the text does not already begin with it, and no chat template rendered the text (a chat
+    template decides about BOS itself, as transformers' apply_chat_template(tokenize=True) leaves it).
     """
 
     def __init__(
@@ -147,9 +148,17 @@ class Tokenizer:
             ids = [self.bos_id, *ids]
         return ids
 
-    def encode_prompt(self, text: str) -> list[int]:
-        """Ids of a prompt, BOS first when the tokenizer adds one and the text does not already start with it."""
-        return self.encode(text, add_bos=self.adds_bos and not (self.bos_token and text.startswith(self.bos_token)))
+    def _prompt_needs_bos(self, text: str, chat: bool) -> bool:
+        return self.adds_bos and not chat and not (self.bos_token and text.startswith(self.bos_token))
+
+    def encode_prompt(self, text: str, *, chat: bool = False) -> list[int]:
+        """Ids of a prompt under the BOS rule (class docstring); chat: a chat template rendered the text."""
+        return self.encode(text, add_bos=self._prompt_needs_bos(text, chat))
+
+    def encode_prompts(self, texts: Sequence[str], *, chat: bool = False) -> list[list[int]]:
+        """encode_prompt of many texts in one batched call (HF tokenizers release the GIL in it)."""
+        ids = self.encode_batch(list(texts))
+        return [[self.bos_id, *row] if self._prompt_needs_bos(text, chat) else row for text, row in zip(texts, ids)]
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
         encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
@@ -198,7 +207,11 @@ class Tokenizer:
             raise FileNotFoundError(
                 f"no tokenizer.json in {folder}: r1lab loads fast (tokenizers) tokenizer files only"
             )
-        backend = HFTokenizer.from_file(str(tokenizer_file))
+        try:
+            backend = HFTokenizer.from_file(str(tokenizer_file))
+        except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for a damaged file
+            raise InputError(f"{tokenizer_file}: not a readable tokenizer.json ({err}): truncated or damaged, "
+                             "copy or save it again") from None
         config = _read_json(folder / "tokenizer_config.json")
         special_map = _read_json(folder / "special_tokens_map.json")
 

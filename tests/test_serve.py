@@ -119,7 +119,7 @@ def real(tiny):
 
 def _prompt_tokens(tokenizer, content: str) -> int:
     rendered = render_chat_prompt(tokenizer, [{"role": "user", "content": content}])
-    return len(tokenizer.encode(rendered.text, add_bos=True))
+    return len(tokenizer.encode_prompt(rendered.text, chat=rendered.template == "chat"))
 
 
 # ------------------------------------------------------------------------------------ scripted engine

@@ -86,13 +86,20 @@ class HealthProbe:
     def worst(self) -> float:
         return max(self.latencies)
 
+    def _answers(self, n: int, timeout: float = 10.0) -> None:
+        """Wait until the probe has n answers (a loaded machine may take a while to open its connection)."""
+        deadline = time.monotonic() + timeout
+        while len(self.latencies) + len(self.failures) < n and time.monotonic() < deadline:
+            time.sleep(0.005)
+
     def __enter__(self):
         self._thread.start()
-        time.sleep(0.05)  # a first answer before the attack
+        self._answers(1)  # a first answer before the attack
+        self._mark = len(self.latencies) + len(self.failures)
         return self
 
     def __exit__(self, *exc):
-        time.sleep(0.05)
+        self._answers(self._mark + 2)  # answers that overlapped the attack or came right after it
         self._stop.set()
         self._thread.join(10)
 
@@ -307,6 +314,9 @@ class CountingTokenizer:
         self.seen += len(text)
         return ([0] if add_bos else []) + [ord(c) % 50 for c in text]
 
+    def encode_prompts(self, texts, *, chat=False):
+        return [self.encode(t, add_bos=not chat) for t in texts]
+
 
 def test_completion_prompts_refuse_long_text_before_tokenizing():
     tokenizer = CountingTokenizer()
@@ -315,4 +325,4 @@ def test_completion_prompts_refuse_long_text_before_tokenizing():
     assert error.value.code == "context_length_exceeded" and tokenizer.seen == 0
     mixed = completion_prompts(["ab", [1, 2, 3], "c"], tokenizer, 50, max_model_len=100, chars_per_token=2)
     assert mixed == [[0, 47, 48], [1, 2, 3], [0, 49]]  # order kept across text and id prompts
-    assert encode(tokenizer, [], add_bos=True) == []
+    assert encode(tokenizer, [], chat=False) == []

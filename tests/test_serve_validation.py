@@ -20,10 +20,13 @@ CONFIG = ServerConfig(max_n=4, default_temperature=0.6, default_top_p=0.95)
 
 
 class CharTokenizer:
-    """One token per character (code point), BOS = 0."""
+    """One token per character (code point), BOS = 0, added to prompts no chat template rendered."""
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         return ([0] if add_bos else []) + [ord(c) for c in text]
+
+    def encode_prompts(self, texts, *, chat: bool = False) -> list[list[int]]:
+        return [self.encode(t, add_bos=not chat) for t in texts]
 
 
 def raises(expected_param: str | None, fn, /, *args, **kwargs) -> RequestError:

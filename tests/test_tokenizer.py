@@ -225,3 +225,17 @@ def test_bos_and_batch_encoding(tok: Tokenizer) -> None:
         tok.token_id("<not-a-token>")
     with pytest.raises(ValueError, match="bos_token"):
         Tokenizer(tok.backend, bos_token="<not-a-token>")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "garbage"])
+def test_a_damaged_tokenizer_json_is_one_line_naming_the_file(tmp_path, damage):
+    from r1lab.errors import InputError
+    from r1lab.model import DEFAULT_MODEL_DIR
+
+    text = (DEFAULT_MODEL_DIR / "tokenizer.json").read_text()
+    broken = {"truncate": text[: len(text) // 2], "empty": "", "garbage": "{not json"}[damage]
+    (tmp_path / "tokenizer.json").write_text(broken)
+    with pytest.raises(InputError) as error:
+        load_tokenizer(tmp_path)
+    message = str(error.value)
+    assert str(tmp_path / "tokenizer.json") in message and "\n" not in message

@@ -51,7 +51,7 @@ class ChatSession:
 
     def _prompt(self, messages: list[dict]) -> tuple[list[int], bool]:
         rendered = render_chat_prompt(self.tokenizer, messages, template=self.template, force_think=True)
-        ids = self.tokenizer.encode(rendered.text, add_bos=rendered.template == "r1_zero")
+        ids = self.tokenizer.encode_prompt(rendered.text, chat=rendered.template == "chat")
         return ids, rendered.starts_in_think
 
     def fit_prompt(self, user_text: str) -> tuple[list[int], bool, int]:

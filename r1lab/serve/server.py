@@ -246,7 +246,7 @@ class _Server:
                                       force_think=config.force_think)
         check_prompt_chars(len(rendered.text), self.chars_per_token, max_model_len=self.max_model_len,
                            param="messages")
-        [prompt] = encode(self.tokenizer, [rendered.text], add_bos=rendered.template == "r1_zero")
+        [prompt] = encode(self.tokenizer, [rendered.text], chat=rendered.template == "chat")
         budget = token_budget(len(prompt), sampling, max_model_len=self.max_model_len, limit=self.limit,
                               param="messages", default=None)
         return sampling, rendered, prompt, budget

@@ -219,17 +219,12 @@ def check_prompt_chars(chars: int, chars_per_token: int | None, *, max_model_len
             param=param, code="context_length_exceeded")
 
 
-def encode(tokenizer: Any, texts: list[str], add_bos: bool) -> list[list[int]]:
-    """Token ids of each text. Through `encode_batch` where the tokenizer has one: HF tokenizers' batch call
-    lets go of the GIL while it works, the single `encode` does not, and a request handler's thread that holds
-    the GIL for the second a megabyte takes stalls the event loop (every other request, /health) as surely
-    as tokenizing on the loop itself."""
-    if not texts:
-        return []
-    batch = getattr(tokenizer, "encode_batch", None)
-    if batch is not None:
-        return [list(ids) for ids in batch(texts, add_bos=add_bos)]
-    return [tokenizer.encode(text, add_bos=add_bos) for text in texts]
+def encode(tokenizer: Any, texts: list[str], *, chat: bool) -> list[list[int]]:
+    """Prompt ids of each text (the tokenizer's BOS rule; chat: a chat template rendered them). Through the
+    batched `encode_prompts`: HF tokenizers' batch call lets go of the GIL while it works, the single `encode`
+    does not, and a request handler's thread that holds the GIL for the second a megabyte takes stalls the
+    event loop (every other request, /health) as surely as tokenizing on the loop itself."""
+    return [list(ids) for ids in tokenizer.encode_prompts(texts, chat=chat)] if texts else []
 
 
 def completion_prompts(value: Any, tokenizer: Any, vocab_size: int, *, max_model_len: int | None = None,
@@ -259,7 +254,7 @@ def completion_prompts(value: Any, tokenizer: Any, vocab_size: int, *, max_model
             prompts.append(list(item))
         else:
             raise RequestError(f"prompt[{i}] must be a string or a list of token ids", param="prompt")
-    for i, ids in zip(texts, encode(tokenizer, list(texts.values()), add_bos=True)):
+    for i, ids in zip(texts, encode(tokenizer, list(texts.values()), chat=False)):
         prompts[i] = ids
     for i, ids in enumerate(prompts):
         if not ids:

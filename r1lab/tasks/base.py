@@ -96,7 +96,7 @@ class Task:
                              instruction=self.instruction if self.instruction is not None else MATH_INSTRUCTION,
                              force_think=force_think)
         prefix = forced_think_prefix(template).lstrip() if force_think else ""
-        return Prompt(text, tokenizer.encode_prompt(text), prefix)
+        return Prompt(text, tokenizer.encode_prompt(text, chat=template == "chat"), prefix)
 
     @staticmethod
     def completion_text(tokenizer: Any, token_ids: Sequence[int], prefix: str = "") -> str:
