@@ -280,6 +280,7 @@ def eval_(
         None, help="Prompt: r1_zero, chat, plain or a string with {question} (default: each benchmark's own, "
                    "chat for humaneval, r1_zero for the others)."),
     force_think: bool = typer.Option(False, help="End prompts with an open <think> (for released R1 models)."),
+    stop: list[str] = typer.Option([], "--stop", help="Text that ends an answer, repeatable (e.g. '</answer>')."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("auto", help="auto (checkpoint dtype on CPU, bfloat16 on CUDA), float32, bfloat16."),
@@ -294,7 +295,8 @@ def eval_(
     with _processes(device) as info:
         run_dir = _shared_run_dir(out, "eval", info)
         evaluate_benchmarks(model, bench, run_dir, template=template, k=k, temperature=temperature, top_p=top_p,
-                            max_new_tokens=max_new_tokens, seed=seed, force_think=force_think, device=device,
+                            max_new_tokens=max_new_tokens, seed=seed, force_think=force_think, stop_strings=stop,
+                            device=device,
                             dtype=dtype, dist=info)
         if info.is_main:
             typer.echo(f"wrote {run_dir}/summary.json, {run_dir}/eval/ and {run_dir}/report.html")

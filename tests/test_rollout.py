@@ -526,3 +526,26 @@ print("sampler ok")
 
 def test_fused_sampler_kernels_under_the_interpreter():
     assert "sampler ok" in run_interpreted(_SAMPLER_INTERPRETED)
+
+
+def test_a_stop_string_ends_the_sample_at_the_token_that_completes_it(tmp_path):
+    """Greedy decoding twice: the second run stops where a piece of the first run's text first appears."""
+    from r1lab.model import load_model_and_tokenizer
+    from r1lab.tasks import Task
+    from r1lab.testing import build_random_checkpoint
+
+    model, tok = load_model_and_tokenizer(build_random_checkpoint(tmp_path / "m", seed=3))
+    prompt = [tok.encode("What is 2 + 3?")]
+    free = generate(model, prompt, SamplingParams(temperature=0, max_new_tokens=40, stop_token_ids=[]))[0]
+    text_at = [tok.decode(free.token_ids[:k]) for k in range(len(free.token_ids) + 1)]
+    k = next(k for k in range(8, len(text_at)) if len(text_at[k]) > len(text_at[k - 1]))
+    stop = text_at[k][-2:]  # the last two characters once the k-th token is there
+    first = next(j for j in range(1, k + 1) if stop in text_at[j])
+    params = SamplingParams(temperature=0, max_new_tokens=40, stop_token_ids=[], stop_strings=(stop,),
+                            detokenize=tok.decode)
+    cut = generate(model, prompt, params)[0]
+    assert cut.finish_reason == "stop" and cut.token_ids == free.token_ids[:first]
+    assert Task.completion_text(tok, cut.token_ids, stop_strings=[stop]).endswith(stop)
+    assert Task.completion_text(tok, free.token_ids, stop_strings=[stop]) == text_at[first][:text_at[first].find(stop) + 2]
+    with pytest.raises(ValueError, match="detokenize"):
+        SamplingParams(stop_strings=("x",))

@@ -55,6 +55,8 @@ class EvalConfig:
     """Completion limit at evaluation."""
     seed: int = 1234
     """Question i is sampled with seed + i."""
+    stop_strings: list[str] = field(default_factory=list)
+    """Text that ends an answer (e.g. "</answer>" for instruct models that keep talking after it)."""
 
     def __post_init__(self) -> None:
         check_ranges(self, at_least={"k": 1, "max_new_tokens": 1, "temperature": 0}, unit=("top_p",))
@@ -62,7 +64,7 @@ class EvalConfig:
     def sampling(self) -> dict[str, Any]:
         """evaluate()'s keyword arguments for these settings."""
         return {"k": self.k, "temperature": self.temperature, "top_p": self.top_p,
-                "max_new_tokens": self.max_new_tokens, "seed": self.seed}
+                "max_new_tokens": self.max_new_tokens, "seed": self.seed, "stop_strings": list(self.stop_strings)}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -111,7 +113,7 @@ def evaluate(model: Any, tokenizer: Any, problems: Task | Sequence[Problem], *, 
              k: int = 4, temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int | None = None,
              seed: int = 0, scorer: Scorer | None = None, batch: int | None = None, progress: bool = True,
              force_think: bool = False, out_path: str | Path | None = None, name: str | None = None,
-             console: Any = None, print_table: bool | None = None,
+             console: Any = None, print_table: bool | None = None, stop_strings: Sequence[str] = (),
              dist: Any = None) -> tuple[dict[str, Any], list[dict]]:
     """Sample k completions of every problem and score them; returns (summary, per-item records).
 
@@ -122,7 +124,8 @@ def evaluate(model: Any, tokenizer: Any, problems: Task | Sequence[Problem], *, 
         force_think ends the prompt with an open <think> block (DeepSeek's advice for released R1 models);
         the opening tag is then scored as part of the completion.
     max_new_tokens: None → what the context leaves after the longest prompt, at most 32768 (R1's limit).
-    batch: questions per generate() call (eval.sampling.sample_and_score).
+    batch: questions per generate() call (eval.sampling.sample_and_score). stop_strings: text that ends an
+    answer (the completion is cut after it).
     out_path: write the per-item records there as JSONL. print_table (default: = progress) prints a table.
     dist: a r1lab.distributed.DistInfo under torchrun: each rank samples its contiguous share of the
         problems on its own (unsharded) `model`, the items are gathered, and every rank returns the same
@@ -155,7 +158,7 @@ def evaluate(model: Any, tokenizer: Any, problems: Task | Sequence[Problem], *, 
         sampled = sample_and_score(model, tokenizer, task, k=k, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_p=top_p, seed=seed, template=template,
                                    force_think=force_think, scorer=scorer, batch=batch, dist=info,
-                                   prompts=prompts, on_progress=advance)
+                                   prompts=prompts, stop_strings=stop_strings, on_progress=advance)
     seconds = max(D.all_gather_objects(time.perf_counter() - start, info))
     items = [_item_record(s) for s in sampled]
 
@@ -301,7 +304,8 @@ def evaluate_benchmarks(model: Any, benches: Sequence[str | dict | BenchSpec], o
                         tokenizer: Any = None, template: str | None = None, k: int = 4, temperature: float = 0.6,
                         top_p: float = 0.95, max_new_tokens: int | None = None, seed: int = 0,
                         force_think: bool = False, device: str = "cpu", dtype: str = "auto",
-                        progress: bool = True, console: Any = None, dist: Any = None) -> dict[str, dict]:
+                        stop_strings: Sequence[str] = (), progress: bool = True, console: Any = None,
+                        dist: Any = None) -> dict[str, dict]:
     """Evaluate one model on several benchmarks; returns {bench name: summary}.
 
     model: an HF folder path (None: the embedded default) or a loaded model (then pass `tokenizer`).
@@ -342,6 +346,7 @@ def evaluate_benchmarks(model: Any, benches: Sequence[str | dict | BenchSpec], o
     run = RunDir(out_dir)
     settings = {"model": model_label, "template": template, "k": k, "temperature": temperature, "top_p": top_p,
                 "max_new_tokens": max_new_tokens, "seed": seed, "force_think": force_think,
+                "stop_strings": list(stop_strings),
                 "benchmarks": [{"name": s.name, "task": s.task, "size": s.size, "options": s.options}
                                for s in specs]}
     if main:
@@ -353,7 +358,7 @@ def evaluate_benchmarks(model: Any, benches: Sequence[str | dict | BenchSpec], o
             model, tokenizer, task, template=template, k=k, temperature=temperature, top_p=top_p,
             max_new_tokens=max_new_tokens, seed=seed, progress=progress, force_think=force_think,
             out_path=run.path / "eval" / f"{spec.name}.jsonl", name=spec.name, console=console,
-            print_table=False, dist=info)
+            print_table=False, stop_strings=stop_strings, dist=info)
     if not main:
         return summaries
     flat = {f"{bench}/{metric}": value for bench, summary in summaries.items()

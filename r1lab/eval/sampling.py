@@ -45,11 +45,13 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
 def sample_and_score(model: Any, tokenizer: Any, task: Task, *, k: int, max_new_tokens: int,
                      temperature: float = 0.6, top_p: float = 0.95, top_k: int | None = None, seed: int = 0,
                      template: str | None = None, force_think: bool = False, scorer: Scorer | None = None,
+                     stop_strings: Sequence[str] = (),
                      batch: int | None = None, dist: D.DistInfo | None = None, prompts: Sequence[Prompt] | None = None,
                      on_progress: Callable[[int], None] | None = None) -> list[SampledProblem]:
     """Every problem of `task` sampled k times and scored; returns one SampledProblem per problem, in order.
 
-    template: None → the task's own. scorer: None → task.score. batch: problems per generate() call (None:
+    template: None → the task's own. scorer: None → task.score. stop_strings: text that ends a sample (e.g.
+    "</answer>"), which the completion text is cut after. batch: problems per generate() call (None:
     enough for ~512 samples on CUDA, ~64 on CPU; the engine batches continuously inside a call, so this only
     paces on_progress(n_done)). dist: under torchrun every rank must call this; each samples its share.
     prompts: the task's prompts if the caller rendered them already (task.prompt of every problem).
@@ -71,13 +73,15 @@ def sample_and_score(model: Any, tokenizer: Any, task: Task, *, k: int, max_new_
         for first in range(lo, hi, batch):
             last = min(first + batch, hi)
             params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-                                    stop_token_ids=stop, n=k, seed=seed + first)
+                                    stop_token_ids=stop, n=k, seed=seed + first, stop_strings=tuple(stop_strings),
+                                    detokenize=tokenizer.decode)
             completions = generate(model, [prompts[i].ids for i in range(first, last)], params)
             for offset in range(last - first):
                 index = first + offset
                 samples = completions[offset * k:(offset + 1) * k]
                 prompt, problem = prompts[index], task.problems[index]
-                texts = [task.completion_text(tokenizer, c.token_ids, prompt.completion_prefix) for c in samples]
+                texts = [task.completion_text(tokenizer, c.token_ids, prompt.completion_prefix, stop_strings)
+                         for c in samples]
                 out.append(SampledProblem(index, problem, prompt, texts, [len(c.token_ids) for c in samples],
                                           [c.finish_reason for c in samples],
                                           [_score(scorer, problem, index, text) for text in texts]))

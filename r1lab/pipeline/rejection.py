@@ -210,6 +210,7 @@ def rejection_sample(
     prompts_per_batch: int = 64,
     model_name: str | None = None,
     step: int | None = None,
+    stop_strings: Sequence[str] = (),
     dist: Any = None,
 ) -> RejectionResult:
     """Sample k responses per problem with the rollout engine and keep the correct, clean ones.
@@ -231,7 +232,7 @@ def rejection_sample(
     count_tokens = (lambda text: len(tokenizer.encode(text))) if filters.max_paragraph_tokens else None
     sampled = sample_and_score(model, tokenizer, task, k=k, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_p=top_p, top_k=top_k, seed=seed, template=template, scorer=scorer,
-                               batch=prompts_per_batch, dist=dist)
+                               batch=prompts_per_batch, stop_strings=stop_strings, dist=dist)
     # records are plain text; the SFT raw template re-inserts the separator before the completion
     candidates = [Candidate(item.index, j, text.lstrip(), score, finished=reason == "stop")
                   for item in sampled

@@ -53,7 +53,8 @@ class Completion:
     logprobs: list[float]
     """log_softmax of the raw logits (temperature 1, no top-k/top-p) at each generated token: GRPO's π_old."""
     finish_reason: str
-    """'stop' (a stop token was sampled), 'length' (max_new_tokens reached) or 'abort'."""
+    """'stop' (a stop token was sampled or a stop string generated), 'length' (max_new_tokens reached) or
+    'abort'."""
 
 
 @dataclass
@@ -502,7 +503,7 @@ class Engine:
             seq.token_ids.append(token)
             seq.logprobs.append(logprobs[row])
             req = seq.request
-            reason = "stop" if token in req.stop_ids else (
+            reason = "stop" if token in req.stop_ids or req.params.stopped_by_text(seq.token_ids) else (
                 "length" if len(seq.token_ids) >= req.params.max_new_tokens else None)
             if reason:
                 self._finish(seq, reason)

@@ -13,7 +13,8 @@ no truncation) at the sampled token, whatever temperature / top-k / top-p shaped
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,8 +39,16 @@ class SamplingParams:
     """The draws of sample s of a request are a function of (seed, s, token position) only, whatever else
     the engine runs (generate() gives prompt i the seed seed + i). None: a seed from the engine's own
     generator (see Engine.seed)."""
+    stop_strings: tuple[str, ...] = ()
+    """Text that ends a sample as soon as it has been generated (finish_reason 'stop'; the token that completes
+    it is the last one, so the text may run a few characters past it). Needs `detokenize`."""
+    detokenize: Callable[[list[int]], str] | None = field(default=None, compare=False, repr=False)
+    """Token ids → text (the tokenizer's decode), for stop_strings."""
 
     def __post_init__(self) -> None:
+        self.stop_strings = tuple(s for s in self.stop_strings if s)
+        if self.stop_strings and self.detokenize is None:
+            raise ValueError("SamplingParams.stop_strings needs detokenize (the tokenizer's decode)")
         if self.temperature < 0:
             raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -54,6 +63,15 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def stopped_by_text(self, token_ids: list[int]) -> bool:
+        """Whether the newest token completed one of stop_strings. Each token is at least one character, so
+        the last (longest stop string + 1) tokens hold any stop string that ends in the newest one; an earlier
+        occurrence would have stopped the sample already."""
+        if not self.stop_strings:
+            return False
+        tail = self.detokenize(token_ids[-(max(map(len, self.stop_strings)) + 1):])
+        return any(s in tail for s in self.stop_strings)
 
 
 def device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

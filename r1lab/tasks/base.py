@@ -99,13 +99,17 @@ class Task:
         return Prompt(text, tokenizer.encode_prompt(text, chat=template == "chat"), prefix)
 
     @staticmethod
-    def completion_text(tokenizer: Any, token_ids: Sequence[int], prefix: str = "") -> str:
+    def completion_text(tokenizer: Any, token_ids: Sequence[int], prefix: str = "",
+                        stop_strings: Sequence[str] = ()) -> str:
         """The text a completion is scored and trained as: its tokens without the stop token that ended it,
-        special tokens dropped, after the prompt's completion prefix."""
+        special tokens dropped, after the prompt's completion prefix, and cut right after the first stop
+        string it generated (the token that completed it may carry a few more characters)."""
         ids = list(token_ids)
         if ids and ids[-1] in tokenizer.stop_ids:
             ids = ids[:-1]
-        return prefix + tokenizer.decode(ids, skip_special_tokens=True)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        ends = [text.find(s) + len(s) for s in stop_strings if s and s in text]
+        return prefix + (text[:min(ends)] if ends else text)
 
     def score(self, problem: Problem, completion: str) -> float:
         """Accuracy of ``completion`` for ``problem`` (see the task's scorer); a malformed gold raises

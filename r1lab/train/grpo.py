@@ -54,6 +54,9 @@ class TaskConfig:
     template: str | None = None
     """Prompt template: r1_zero, chat, plain or a string with {question}; None: the task's own (r1_zero for
     math tasks, chat for HumanEval)."""
+    instruction: str | None = None
+    """What a chat-template prompt asks for after the question; None: the task's own (math: reason step by
+    step and put the answer in \\boxed{}). Real-checkpoint R1-Zero recipes ask for <think> and <answer> tags."""
     options: dict = field(default_factory=dict)
     """Keyword arguments for the task source (reasoning-gym dataset config, jsonl field names,
     holdout_fraction); empty means r1lab's default for that task (DEFAULT_TASK_OPTIONS)."""
@@ -64,9 +67,12 @@ class TaskConfig:
     def source_options(self) -> dict:
         return dict(self.options) if self.options else dict(DEFAULT_TASK_OPTIONS.get(self.name, {}))
 
-    def load(self, split: str):
+    def load(self, split: str) -> Task:
         size = self.train_size if split == "train" else self.test_size
-        return load_task(self.name, split=split, size=size, seed=self.seed, **self.source_options())
+        task = load_task(self.name, split=split, size=size, seed=self.seed, **self.source_options())
+        if self.instruction is not None:
+            task.instruction = self.instruction
+        return task
 
 
 # The embedded default's difficulty: what the tiny base saw in pretraining (2-4 terms of 1-2 digits).
@@ -95,6 +101,9 @@ class GRPOConfig:
     """Rollout nucleus."""
     stop_at_eos: bool = True
     """Stop a completion at the tokenizer's stop tokens (False: always max_new_tokens, for benchmarks)."""
+    stop_strings: list[str] = field(default_factory=list)
+    """Text that ends a completion (e.g. "</answer>": an instruct model that keeps talking after its answer
+    fails the format reward and runs to max_new_tokens); the completion is scored up to it."""
     epochs_per_rollout: int = 1
     """μ: passes over each rollout."""
     num_minibatches: int = 1
@@ -281,7 +290,8 @@ class Trainer:
         # no prompt of one step shares its noise with a prompt of the next
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                                 n=cfg.group_size, stop_token_ids=self.stop_ids,
-                                seed=(seed * 4096 + self.dist.rank) << 20)
+                                seed=(seed * 4096 + self.dist.rank) << 20, stop_strings=tuple(cfg.stop_strings),
+                                detokenize=self.tok.decode)
         self.model.eval()
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -292,7 +302,7 @@ class Trainer:
                 for c, logp in zip(comps, self._logprobs(self._policy, *_sequences(prompts, comps))):
                     c.logprobs = logp.tolist()
         t1 = time.perf_counter()
-        texts = [self.task.completion_text(self.tok, c.token_ids) for c in comps]
+        texts = [self.task.completion_text(self.tok, c.token_ids, stop_strings=cfg.stop_strings) for c in comps]
         problems = [self.task.problems[problem_ids[c.prompt_index]] for c in comps]
         scores = self.reward.batch(problems, texts, lengths=[len(c.token_ids) for c in comps])
         return Rollout(problem_ids, prompts, comps, texts, scores, t1 - t0, time.perf_counter() - t1)
