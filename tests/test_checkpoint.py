@@ -190,3 +190,23 @@ def test_run_dir_config_and_summary(tmp_path):
     run.write_summary({"accuracy": 0.5, "nan": float("nan")})
     assert json.loads((tmp_path / "summary.json").read_text()) == {"accuracy": 0.5, "nan": None}
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_the_final_model_folder_links_the_last_checkpoints_weights(tmp_path):
+    """`r1lab zero` and every pipeline stage publish the last checkpoint's model folder instead of writing the
+    weights again: same files (one inode), and the folder outlives the checkpoint's pruning."""
+    import os
+
+    import r1lab.model as rm
+    from r1lab.train.checkpoint import publish_checkpoint_model, save_checkpoint
+
+    model = rm.build(rm.preset("tiny-dense"), seed=3)
+    ckpt = save_checkpoint(tmp_path / "run", 5, model, keep_last=1)
+    out = publish_checkpoint_model(ckpt, tmp_path / "run" / "model")
+    weights = sorted(p.name for p in (ckpt / "model").glob("*.safetensors"))
+    assert weights and all(os.stat(out / w).st_ino == os.stat(ckpt / "model" / w).st_ino for w in weights)
+    save_checkpoint(tmp_path / "run", 6, rm.build(rm.preset("tiny-dense"), seed=4), keep_last=1)  # prunes step 5
+    assert not ckpt.exists()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(rm.load(out)(ids), model(ids))

@@ -24,3 +24,22 @@ def test_old_current_and_reference_logprobs_use_the_rollout_temperature(tmp_path
     assert 0.9999 < metrics["ratio_min"] <= metrics["ratio_max"] < 1.0001
     if beta:
         assert abs(metrics["kl"]) < 1e-5
+
+
+def test_step_metrics_do_not_depend_on_micro_batching(tmp_path):
+    """The same rollout trained in one micro-batch or in many: the logged loss tokens, losses, clip and
+    entropy stats and the gradient are the same (before, `tokens` and `pg_loss` were means over micro-batches,
+    e.g. 899 vs 299.67 tokens). The lr logged is the one the step's update used, and accuracy counts passes."""
+    results = []
+    for budget in (100_000, 40):
+        model, tok = load_model_and_tokenizer(ASSETS / "r1-tiny", dtype="float32")
+        cfg = GRPOConfig(task=TaskConfig(name="chain_sum", train_size=8), prompts_per_step=2, group_size=4,
+                         max_new_tokens=12, lr=1e-3, warmup_steps=4, steps=1, seed=0, micro_batch_tokens=budget)
+        results.append(Trainer(cfg, model, tok, RunDir(tmp_path / str(budget))).step())
+    whole, pieces = results
+    assert whole["tokens"] == pieces["tokens"] == 8 * whole["response_length"]
+    for key in ("pg_loss", "entropy", "ratio_mean", "logprob_mismatch", "grad_norm", "clip_frac"):
+        assert whole[key] == pytest.approx(pieces[key], rel=1e-4, abs=1e-7), key
+    assert whole["lr"] == pytest.approx(1e-3 / 4)  # warmup step 1 of 4, not the next step's 2e-3 / 4
+    assert whole["accuracy"] in {i / 8 for i in range(9)}
+    assert whole["memory/peak_rss_gib"] > 0

@@ -241,9 +241,12 @@ class Pipeline:
 
     def rl_stage(self, name: str, init: str, cfg: GRPOConfig, reward_models=None) -> dict:
         model, tok = self.load(init)
+        from r1lab.train.checkpoint import publish_checkpoint_model
+
         t0 = time.time()
-        train_grpo(cfg, RunDir(self.stage_dir(name)), model, tok, resume=True, reward_models=reward_models,
-                   dist=self.info)
+        trainer = train_grpo(cfg, RunDir(self.stage_dir(name)), model, tok, resume=True, reward_models=reward_models,
+                             dist=self.info)
+        publish_checkpoint_model(trainer.last_checkpoint, self.stage_dir(name) / "model", self.info)
         return self.finish(name, model, tok, {"train_seconds": round(time.time() - t0, 1), "init": init})
 
     def sft_stage(self, name: str, init: str, records: list[dict], epochs: int) -> dict:

@@ -15,7 +15,7 @@ from r1lab.eval.runner import EvalConfig, evaluate
 from r1lab.model import load_model_and_tokenizer
 from r1lab.run_dir import RunDir
 from r1lab.tasks import Task
-from r1lab.train.checkpoint import save_model_folder
+from r1lab.train.checkpoint import publish_checkpoint_model
 from r1lab.train.grpo import GRPOConfig, train_grpo
 from r1lab.train.parallel import gathered_for_rollout
 
@@ -68,10 +68,10 @@ def run_zero(cfg: ZeroConfig, run_dir: RunDir, *, resume: bool = False, progress
         before = measure("before")
         if info.is_main:
             run_dir.write_summary({"before": before})
-    train_grpo(g, run_dir, model, tok, resume=resume, on_step=_progress(g.steps) if progress and info.is_main else None,
-               dist=info)
+    trainer = train_grpo(g, run_dir, model, tok, resume=resume,
+                         on_step=_progress(g.steps) if progress and info.is_main else None, dist=info)
     after = measure("after")
-    save_model_folder(model, tok, info, run_dir.path / "model")
+    publish_checkpoint_model(trainer.last_checkpoint, run_dir.path / "model", info)  # the final weights, linked
     summary = {"before": before, "after": after, "task": t.name, "steps": g.steps, "seconds": round(time.time() - t0, 1),
                "world_size": info.world_size}
     if info.is_main:

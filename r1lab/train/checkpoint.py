@@ -227,6 +227,32 @@ def save_consolidated(model, info: DistInfo, path: str | Path, *, dtype: torch.d
     return out if info.is_main else path
 
 
+def publish_checkpoint_model(checkpoint: str | Path, path: str | Path, info: DistInfo | None = None) -> Path:
+    """Make a checkpoint's HF model folder (model/, with its tokenizer) the run's final `path` without writing
+    the weights twice: its files are hard-linked (copied across filesystems), so pruning the checkpoint later
+    leaves the folder whole. Rank 0 does it; every rank returns once it is in place."""
+    import os
+
+    path = Path(path)
+    if info is None or info.is_main:
+        source = Path(checkpoint) / "model"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            for f in source.iterdir():
+                try:
+                    os.link(f, tmp / f.name)
+                except OSError:
+                    shutil.copy2(f, tmp / f.name)
+            replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if info is not None:
+        barrier(info)
+    return path
+
+
 def save_model_folder(model, tokenizer, info: DistInfo, path: str | Path) -> Path:
     """A trainer's final HF folder: the consolidated weights (save_consolidated) and the tokenizer, written by
     rank 0; every rank must call it and all return once the folder is complete. Plain save in one process."""

@@ -128,6 +128,8 @@ class GRPOConfig:
     """Recompute activations in backward (saves memory for long completions)."""
     save_every: int = 0
     """Checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 1
+    """Checkpoints kept (the newest); one holds what resume needs (weights, optimizer, data cursor, RNG)."""
     sample_log_every: int = 5
     """Write a few prompt/completion/reward records to samples.jsonl every N steps."""
     seed: int = 0
@@ -140,7 +142,7 @@ class GRPOConfig:
                                      "epochs_per_rollout": 1, "num_minibatches": 1, "micro_batch_tokens": 1,
                                      "steps": 0, "warmup_steps": 0, "ref_reset_every": 0, "max_refill_rounds": 0,
                                      "save_every": 0, "sample_log_every": 0, "temperature": 0, "weight_decay": 0,
-                                     "router_bias_gamma": 0},
+                                     "router_bias_gamma": 0, "keep_checkpoints": 1},
                      positive=("lr", "grad_clip"), unit=("top_p",))
         RewardSpec.from_dict(self.rewards)  # weights are numbers; names are checked against the task later
         if self.objective.soft_overlong_cache > self.max_new_tokens:
@@ -227,6 +229,41 @@ class UpdateBatch:
         return torch.ones(n) if self.weights is None else torch.full((n,), float(self.weights[i]))
 
 
+class StepMeter:
+    """A step's update metrics, independent of how its minibatches were cut into micro-batches: token-level
+    stats (pg_loss, clip fractions, ratio_mean, entropy, logprob_mismatch, kl) are means over all loss tokens
+    (each micro-batch weighted by its tokens), ratio_max / ratio_min the extremes, `tokens` the loss tokens
+    per optimizer step, and grad_norm, lr and the expert balance means over the optimizer steps."""
+
+    EXTREMES = {"ratio_max": max, "ratio_min": min}
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.extremes: dict[str, float] = {}
+        self.tokens = 0.0
+        self.per_update: dict[str, list[float]] = {}
+
+    def add_micro_batch(self, stats: dict) -> None:
+        weight = float(stats["tokens"])
+        self.tokens += weight
+        for k, v in stats.items():
+            if k in self.EXTREMES:
+                self.extremes[k] = self.EXTREMES[k](self.extremes.get(k, float(v)), float(v))
+            elif k != "tokens":
+                self.sums[k] = self.sums.get(k, 0.0) + float(v) * weight
+
+    def add_update(self, **values: float | None) -> None:
+        for k, v in values.items():
+            if v is not None:
+                self.per_update.setdefault(k, []).append(float(v))
+
+    def result(self) -> dict[str, float]:
+        updates = len(self.per_update.get("grad_norm", [])) or 1
+        out = {k: v / max(self.tokens, 1.0) for k, v in self.sums.items()}
+        out |= self.extremes | {"tokens": self.tokens / updates}
+        return out | {k: sum(v) / len(v) for k, v in self.per_update.items()}
+
+
 class Trainer:
     """Holds the policy, optimizer, data cursor and (if β > 0) the reference model; `step()` does one
     rollout + update and returns its metrics."""
@@ -254,6 +291,7 @@ class Trainer:
         model.gradient_checkpointing = cfg.gradient_checkpointing
         self.step_index = 0
         self.last_samples: list[dict] = []
+        self.last_checkpoint: Path | None = None
 
     def _snapshot(self):
         if self.dist.is_distributed:  # a frozen plain replica per rank, refreshed in place on a reset
@@ -361,17 +399,16 @@ class Trainer:
         self.model.train()
         t_train = time.perf_counter()
         gen = torch.Generator().manual_seed(cfg.seed * 31 + self.step_index)
-        agg: dict[str, list[float]] = {}
+        meter = StepMeter()
         for _ in range(cfg.epochs_per_rollout):
             for mb in minibatch_plan(batch.n_groups, G, cfg.num_minibatches, self.dist, generator=gen):
-                self._update(mb, update, agg)
+                self._update(mb, update, meter)
         if self.ref is not None and cfg.ref_reset_every and (self.step_index + 1) % cfg.ref_reset_every == 0:
             self.ref = self._snapshot()
         t_end = time.perf_counter()
         n_tokens = sum(len(s) for s in seqs)
-        metrics |= {k: sum(v) / len(v) for k, v in agg.items()}
+        metrics |= meter.result() | memory_metrics(self.device)
         metrics |= {
-            "lr": self.sched.get_last_lr()[0],
             "time/rollout": batch.rollout_seconds, "time/scoring": batch.scoring_seconds,
             "time/training": t_end - t_train, "time/step": t_end - t_start,
             "tokens_per_s": n_tokens * cfg.epochs_per_rollout / (t_end - t_train),
@@ -386,7 +423,7 @@ class Trainer:
         self.step_index += 1
         return D.all_reduce_metrics(metrics, self.dist)
 
-    def _update(self, minibatch: list[int], batch: UpdateBatch, agg: dict[str, list[float]]) -> None:
+    def _update(self, minibatch: list[int], batch: UpdateBatch, meter: StepMeter) -> None:
         """One optimizer step on the completions `minibatch`, packed into micro-batches by token budget."""
         cfg, obj = self.cfg, self.cfg.objective
         token_weights = {i: batch.token_weights(i) for i in minibatch}
@@ -413,16 +450,14 @@ class Trainer:
             stats["logprob_mismatch"] = ((cur.detach() - old).abs() * mask).sum() / mask.sum().clamp(min=1)
             return loss, stats
 
+        lr = self.opt.param_groups[0]["lr"]  # the rate this optimizer step uses (the scheduler moves it after)
         # global totals + loss × world: FSDP's gradient mean over ranks is then the single-process gradient
         result = train_step(self.model, self.opt, packs, loss_fn, counts=counts, normalizers=("tokens", "seqs"),
                             info=self.dist, grad_clip=cfg.grad_clip, router_bias_gamma=cfg.router_bias_gamma,
                             scheduler=self.sched)
         for stats in result.stats:
-            for k, v in stats.items():
-                agg.setdefault(k, []).append(float(v))
-        agg.setdefault("grad_norm", []).append(result.grad_norm)
-        if result.expert_balance is not None:
-            agg.setdefault("expert_load_max_over_mean", []).append(result.expert_balance)
+            meter.add_micro_batch(stats)
+        meter.add_update(grad_norm=result.grad_norm, lr=lr, expert_load_max_over_mean=result.expert_balance)
 
     def _logprobs(self, model, seqs, masks) -> list[torch.Tensor]:
         """Completion-token log-probs [len] (fp32, CPU) of each sequence under an unsharded `model` (the
@@ -448,8 +483,8 @@ class Trainer:
         for key in scores[0]:
             if key != "total":
                 out[f"reward/{key}"] = sum(s[key] for s in scores) / n
-        if "accuracy" in scores[0]:
-            out["accuracy"] = out["reward/accuracy"]
+        if "accuracy" in scores[0]:  # a pass is full credit (some verifiers give 0.01 to a parsed wrong answer)
+            out["accuracy"] = sum(s["accuracy"] >= 1.0 for s in scores) / n
         if "format" in scores[0]:
             out["format_rate"] = out["reward/format"]
         lengths = [len(c.token_ids) for c in comps]
@@ -461,9 +496,10 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
         # one process: a plain checkpoint; torchrun: consolidated HF folder + sharded state
-        return save_checkpoint(self.run_dir.path, self.step_index, self.model, self.opt, self.sched,
-                               {"cursor": self.cursor, "order": self.order}, keep_last=2, tokenizer=self.tok,
-                               info=self.dist)
+        self.last_checkpoint = save_checkpoint(
+            self.run_dir.path, self.step_index, self.model, self.opt, self.sched, {"cursor": self.cursor,
+            "order": self.order}, keep_last=self.cfg.keep_checkpoints, tokenizer=self.tok, info=self.dist)
+        return self.last_checkpoint
 
     def resume(self) -> bool:
         found = load_latest_checkpoint(self.run_dir.path)
@@ -475,6 +511,17 @@ class Trainer:
         if self.cfg.objective.beta > 0:
             self.ref = self._snapshot()  # a resumed run re-anchors KL at the restored policy
         return True
+
+
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    """Peak memory so far: the process's resident set (GiB) and, on CUDA, the step's peak allocation (reset)."""
+    import resource
+
+    out = {"memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if device.type == "cuda":
+        out["memory/peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    return out
 
 
 def _sequences(prompts: list[list[int]], comps) -> tuple[list[list[int]], list[list[int]]]:

@@ -30,7 +30,12 @@ from r1lab.tokenizer import Tokenizer, load_tokenizer
 from r1lab import distributed as D
 from r1lab.run_dir import RunDir
 from r1lab.train.batching import PackedBatch, pack_sequences
-from r1lab.train.checkpoint import load_latest_checkpoint, restore_checkpoint, save_checkpoint, save_model_folder
+from r1lab.train.checkpoint import (
+    load_latest_checkpoint,
+    publish_checkpoint_model,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from r1lab.train.logprobs import logprobs_from_hidden, mtp_loss_sums
 from r1lab.train.optim import adamw, warmup_cosine_lr
 from r1lab.train.parallel import shard_model
@@ -348,6 +353,7 @@ def train_sft(cfg: SFTConfig, run_dir: RunDir | str | Path, model=None, tokenize
     fingerprint = {"examples": len(data.seqs), "tokens": sum(lengths), "total_steps": total_steps}
     start, first_loss, last_loss = 0, None, None
     found = load_latest_checkpoint(run_dir.path) if cfg.resume else None
+    last_checkpoint = found[1] if found is not None else None
     if found is not None:
         extra = restore_checkpoint(found[1], model, opt, None, info)  # a sharded one: any process count
         if extra.get("fingerprint") != fingerprint:
@@ -413,13 +419,14 @@ def train_sft(cfg: SFTConfig, run_dir: RunDir | str | Path, model=None, tokenize
                 f"{metrics['tokens_per_s']:.0f} tok/s")
         if done == total_steps or (cfg.save_every and done % cfg.save_every == 0):
             extra_state = {"fingerprint": fingerprint, "first_loss": first_loss, "last_loss": last_loss}
-            save_checkpoint(run_dir.path, done, model, opt, None, extra_state, keep_last=cfg.keep_checkpoints,
-                            tokenizer=tok, info=info)
+            last_checkpoint = save_checkpoint(run_dir.path, done, model, opt, None, extra_state,
+                                              keep_last=cfg.keep_checkpoints, tokenizer=tok, info=info)
         if on_step is not None and main:
             on_step(step, metrics)
 
     model.eval()
-    target = save_model_folder(model, tok, info, run_dir.path / "model")  # every rank; rank 0 writes
+    # the last step always checkpoints: its weights become the run's model folder (linked, not written again)
+    target = publish_checkpoint_model(last_checkpoint, run_dir.path / "model", info)
     if main:
         run_dir.write_summary({"examples": len(data.seqs), "dropped_overlong": data.dropped,
                                "truncated_overlong": data.truncated, "steps": total_steps, "epochs": cfg.epochs,
