@@ -64,7 +64,11 @@ def test_runs_a_program_with_stdin_and_reports_exit_status():
     assert result.stdout == "hello world\n"
     assert result.returncode == 3 and not result.timed_out and result.sandboxed
     assert not result.passed
-    assert run_python("exit(0)").passed  # exit() exists even though site is off
+    exited = run_python("exit(0)\nprint('not reached')")  # exit() exists even though site is off
+    assert exited.returncode == 0 and exited.stdout == "" and exited.stderr == ""
+    assert not exited.completed and not exited.passed  # status 0, but it left before its end
+    finished = run_python("print('end')")
+    assert finished.completed and finished.passed
     failing = run_python("raise ValueError('boom')")
     assert failing.returncode == 1 and "ValueError: boom" in failing.stderr
 

@@ -6,19 +6,33 @@ runtime needs (``/usr``, the ``/lib*`` links, the interpreter's install prefix),
 tmpfs ``/tmp`` as working directory, a minimal ``/proc`` and ``/dev``, and an empty environment. The
 project, the data and ``/home`` are simply not there.
 
-Inside, a tiny bootstrap (trusted code that runs before the untrusted code) applies rlimits -- CPU
-seconds, address space, process count, file size, no core dumps -- and then executes the program as
-``__main__``. The interpreter runs with ``-I -S``: isolated mode and no ``site``, so nothing from the
-host's site-packages or environment leaks in; programs get the standard library only.
+Inside, a trusted harness (:mod:`r1lab.sandbox.bootstrap`) applies rlimits -- CPU seconds, address
+space, process count, file size, open files, no core dumps -- and then runs the program as
+``__main__``, followed by its tests when there are any. The interpreter runs with ``-I -S``:
+isolated mode and no ``site``, so nothing from the host's site-packages or environment leaks in;
+programs get the standard library only.
 
-Two ways of dropping privileges, because ``RLIMIT_NPROC`` (the fork-bomb guard) is ignored by the
-kernel for processes whose host uid is 0:
+**Completion.** A program that exits -- ``sys.exit(0)``, ``os._exit(0)``, a signal, a thread, an
+atexit handler -- has exit status 0 without having run its tests. So :attr:`SandboxResult.passed`
+needs more than status 0: a per-run random sentinel that the harness writes to a private pipe only
+once the last line of the tests (or of the program, without tests) has run. The sentinel reaches
+the harness through a pipe it drains and closes before the program starts; it is never in the
+program's source, argv, environment or files. The bootstrap's docstring says how the harness keeps
+it from the program while the program runs.
+
+**Memory and processes** are bounded for the whole program, not per process: see
+:mod:`r1lab.sandbox.limits` (a cgroup per run where the machine offers one, else a single process
+holding the whole budget; a seccomp filter refuses new user namespaces, memfds and SysV shared
+memory either way).
+
+Two ways of dropping privileges, because ``RLIMIT_NPROC`` is ignored by the kernel for processes
+whose host uid is 0:
 
 * caller is not root: ``--unshare-all`` with a user namespace (the sandbox maps to the caller's uid),
   ``--disable-userns`` and ``--cap-drop ALL``. Since Linux 5.14 the process limit counts only the
   processes of that user namespace, i.e. of this one sandbox.
 * caller is root: a user namespace would map the sandbox onto host uid 0, where the process limit
-  does not apply. So bwrap runs privileged *without* a user namespace, and the bootstrap switches to
+  does not apply. So bwrap runs privileged *without* a user namespace, and the harness switches to
   an unprivileged uid (one per concurrently running sandbox, so their process budgets are separate)
   before the program starts; that switch drops every capability. bwrap always sets no_new_privs and
   mounts its binds nosuid.
@@ -29,14 +43,12 @@ dies with it); either way the kernel kills every process left in the namespace, 
 grandchildren included. :func:`run_python` returns only once that init is gone (its pid comes from
 bwrap's ``--info-fd``), so nothing of the run is left behind.
 
-Known limit of the root mode: the program may still create a user namespace of its own (it gains
-nothing on the host from it, but could mount a tmpfs there that is not counted by the rlimits).
-
 Without bwrap (or when bwrap fails its self-check) :func:`run_python` refuses with
 :class:`SandboxUnavailable` unless the caller opts in with ``allow_unsafe=True`` or the environment
 variable ``R1LAB_ALLOW_UNSANDBOXED=1``; then the program runs as a plain child process that still
-gets the rlimits, the timeout, the output cap, a scratch working directory and a cleared
-environment -- but no filesystem or network isolation (and, run as root, no process limit).
+gets the harness, the rlimits, the timeout, the output cap, a scratch working directory, a cleared
+environment and (where available) the run cgroup -- but no filesystem or network isolation, no
+seccomp filter (and, run as root without a cgroup, no process limit).
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import select
 import selectors
 import shutil
@@ -57,7 +70,10 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Iterable, Sequence
+
+from . import limits
 
 __all__ = [
     "ENV_ALLOW_UNSANDBOXED",
@@ -72,41 +88,26 @@ __all__ = [
 
 ENV_ALLOW_UNSANDBOXED = "R1LAB_ALLOW_UNSANDBOXED"
 
-# Where the program lives inside the sandbox (a file on the private tmpfs).
+# Where the program and its tests live inside the sandbox (files on the private tmpfs).
 _MAIN_PATH = "/tmp/main.py"
+_TESTS_PATH = "/tmp/tests.py"
 _TMPFS_BYTES = 64 * 1024 * 1024
 _FILE_SIZE_BYTES = 16 * 1024 * 1024
+_OPEN_FILES = 1024
 # Unprivileged uids used when the caller is root: one block of 64 per host process, one uid per
 # concurrently running sandbox. Far above any uid a distribution hands out.
 _UID_BASE = 2_000_000_000
 _UIDS_PER_PROCESS = 64
+# The harness's exit status when something other than the tests' last line asked for the sentinel.
+EXIT_FORGERY = 121
 
-# The bootstrap reads its parameters from argv so that it is a constant string (no code built by
-# string formatting). With -S there are no exit()/quit() builtins; programs commonly call them.
-# The program runs in a fresh __main__ module, as `python main.py` would run it.
-_BOOTSTRAP = """\
-import builtins, resource, sys
-path, cpu, mem, nproc, fsize, uid = sys.argv[1:7]
-cpu = int(cpu)
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-for res, val in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_NPROC, nproc),
-                 (resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_CORE, '0')):
-    resource.setrlimit(res, (int(val), int(val)))
-uid = int(uid)
-if uid >= 0:
-    import os
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)
-builtins.exit = builtins.quit = sys.exit
-sys.argv = [path]
-with open(path, 'rb') as f:
-    source = f.read()
-main = type(sys)('__main__')
-main.__file__ = path
-sys.modules['__main__'] = main
-exec(compile(source, path, 'exec'), main.__dict__)
-"""
+_BOOTSTRAP = (Path(__file__).parent / "bootstrap.py").read_text(encoding="utf-8")
+
+
+def _new_sentinel() -> bytes:
+    """The per-run proof of completion. Raw random bytes rather than hex, so that not even its
+    shape stands out in memory."""
+    return secrets.token_bytes(32)
 
 
 class SandboxUnavailable(RuntimeError):
@@ -118,8 +119,12 @@ class SandboxResult:
     """What a sandboxed run produced.
 
     ``returncode`` is the program's exit status (negative or >128 when it was killed by a signal);
-    ``timed_out`` means the wall-clock limit was hit and the run was killed; ``output_truncated``
-    means it wrote more than the output cap and was killed.
+    ``completed`` means the harness saw the last line of the tests (or of the program, without
+    tests) run, proven by the run's sentinel; ``timed_out`` means the wall-clock limit was hit and
+    the run was killed; ``output_truncated`` means it wrote more than the output cap and was
+    killed; ``memory_exceeded`` means the kernel killed one of its processes for going over the
+    program's memory budget. ``memory_peak_bytes`` is the most memory the whole program held (None
+    without a run cgroup or where the kernel does not report it).
     """
 
     returncode: int
@@ -129,11 +134,16 @@ class SandboxResult:
     output_truncated: bool = False
     sandboxed: bool = True
     duration_s: float = 0.0
+    completed: bool = False
+    memory_exceeded: bool = False
+    memory_peak_bytes: int | None = None
 
     @property
     def passed(self) -> bool:
-        """True when the program ran to completion and exited with status 0."""
-        return self.returncode == 0 and not self.timed_out and not self.output_truncated
+        """True when the program (and its tests) ran to the last line and exited with status 0,
+        within its time, output and memory limits. An early ``sys.exit(0)`` does not pass."""
+        return (self.completed and self.returncode == 0 and not self.timed_out
+                and not self.output_truncated and not self.memory_exceeded)
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,24 +193,28 @@ def _runtime() -> _Runtime:
     return _Runtime(python=python, bind_args=tuple(args))
 
 
-def _bwrap_command(bwrap: str, memfd: int, info_fd: int, as_root: bool) -> list[str]:
+def _bwrap_command(bwrap: str, files: dict[str, int], info_fd: int, seccomp_fd: int | None,
+                   as_root: bool) -> list[str]:
     if as_root:
-        # See the module docstring: no user namespace under root, the bootstrap drops to a uid.
+        # See the module docstring: no user namespace under root, the harness drops to a uid.
         namespaces = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
                       "--unshare-cgroup-try"]
     else:
         namespaces = ["--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL"]
+    file_args = [arg for path, fd in files.items()
+                 for arg in ("--perms", "0644", "--file", str(fd), path)]
     return [
         bwrap,
         *namespaces,
         "--die-with-parent",
         "--new-session",
         "--info-fd", str(info_fd),  # bwrap reports the pid of the namespace's init here
+        *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
         *_runtime().bind_args,
         "--proc", "/proc",
         "--dev", "/dev",
         "--size", str(_TMPFS_BYTES), "--perms", "1777", "--tmpfs", "/tmp",
-        "--perms", "0644", "--file", str(memfd), _MAIN_PATH,
+        *file_args,
         "--remount-ro", "/",  # the root tmpfs has no size cap; only the capped /tmp is writable
         "--chdir", "/tmp",
         "--clearenv",
@@ -277,10 +291,10 @@ def _self_check() -> tuple[bool, str]:
     if bwrap is None:
         return False, "the `bwrap` executable (package bubblewrap) is not on PATH"
     try:
-        result = _run_bwrap(bwrap, "print(6 * 7)", "", 10.0, 256, 64 * 1024, 16)
+        result = _run_bwrap(bwrap, "print(6 * 7)", None, "", 10.0, 256, 64 * 1024, 16)
     except OSError as exc:
         return False, f"bwrap could not be started: {exc}"
-    if result.returncode != 0 or result.stdout.strip() != "42":
+    if not result.passed or result.stdout.strip() != "42":
         detail = (result.stderr or result.stdout).strip()[-500:]
         return False, f"bwrap self-check failed (exit {result.returncode}): {detail}"
     return True, ""
@@ -303,6 +317,7 @@ _warned_unsafe = False
 def run_python(
     code: str,
     *,
+    tests: str | None = None,
     stdin: str = "",
     timeout_s: float = 5.0,
     memory_mb: int = 512,
@@ -314,12 +329,17 @@ def run_python(
 
     Args:
         code: the program (run as ``__main__``; standard library only).
+        tests: Python run after the program, in the same namespace but compiled on its own;
+            the run is ``completed`` only if its last line is reached. Builtins the program
+            changed are restored before it.
         stdin: text fed to the program's standard input.
         timeout_s: wall-clock limit; the CPU-time rlimit is set just above it.
-        memory_mb: address-space limit per process.
+        memory_mb: memory budget of the whole program -- all its processes together, the files
+            it writes to ``/tmp`` included -- and the address-space limit of each process.
         max_output_bytes: at most this many bytes of stdout and of stderr are kept; a program
             that writes more is killed (``output_truncated``).
-        max_processes: process/thread limit inside the sandbox (fork bombs hit it).
+        max_processes: process/thread limit inside the sandbox (fork bombs hit it); where no
+            cgroup bounds the run, one process only (so that the memory budget cannot multiply).
         allow_unsafe: run without isolation when bwrap is unavailable (None: read the
             ``R1LAB_ALLOW_UNSANDBOXED`` environment variable).
 
@@ -336,54 +356,157 @@ def run_python(
             _warned_unsafe = True
             warnings.warn("r1lab.sandbox: running model-written code WITHOUT isolation "
                           "(rlimits and a timeout only)", RuntimeWarning, stacklevel=2)
-        return _run_unsafe(code, stdin, timeout_s, memory_mb, max_output_bytes, max_processes)
-    return _run_bwrap(shutil.which("bwrap") or "bwrap", code, stdin, timeout_s, memory_mb,
+        return _run_unsafe(code, tests, stdin, timeout_s, memory_mb, max_output_bytes,
+                           max_processes)
+    return _run_bwrap(shutil.which("bwrap") or "bwrap", code, tests, stdin, timeout_s, memory_mb,
                       max_output_bytes, max_processes)
 
 
-def _bootstrap_argv(python: str, path: str, timeout_s: float, memory_mb: int,
-                    max_processes: int, uid: int) -> list[str]:
-    cpu_s = max(1, math.ceil(timeout_s)) + 1
-    return [python, "-I", "-S", "-c", _BOOTSTRAP, path, str(cpu_s),
-            str(int(memory_mb) * 1024 * 1024), str(max_processes), str(_FILE_SIZE_BYTES), str(uid)]
+def _encode(text: str) -> bytes:
+    return text.encode("utf-8", errors="surrogatepass")
 
 
-def _run_bwrap(bwrap: str, code: str, stdin: str, timeout_s: float, memory_mb: int,
-               max_output_bytes: int, max_processes: int) -> SandboxResult:
+class _RunSetup:
+    """The per-run pieces both launchers share: the sentinel and its two pipes, and the run's
+    cgroup or, without one, the fallback rlimits."""
+
+    def __init__(self, memory_mb: int, max_processes: int, extra_tasks: int,
+                 fallback: bool) -> None:
+        self.sentinel = _new_sentinel()
+        self.key_read, key_write = os.pipe()
+        os.write(key_write, self.sentinel)  # 32 bytes: fits the pipe buffer, never blocks
+        os.close(key_write)
+        self.report_read, self.report_write = os.pipe()
+        self.cgroup: limits.RunCgroup | None = None
+        layout = limits.cgroup_layout()
+        if layout is not None:
+            try:
+                # + 2: bwrap itself and its pid-namespace init
+                self.cgroup = limits.RunCgroup(layout, int(memory_mb) * limits.MIB,
+                                               max_processes + extra_tasks + 2)
+            except OSError:
+                self.cgroup = None
+        self.address_space = int(memory_mb) * limits.MIB
+        self.nproc = max_processes
+        if self.cgroup is None and fallback:
+            self.address_space, self.nproc = limits.fallback_limits(int(memory_mb), extra_tasks)
+
+    def launcher(self) -> list[str]:
+        return limits.launcher_prefix(self.cgroup.procs_files) if self.cgroup else []
+
+    def harness_argv(self, python: str, main_path: str, tests_path: str, timeout_s: float,
+                     uid: int, undumpable: bool) -> list[str]:
+        cpu_s = max(1, math.ceil(timeout_s)) + 1
+        return [python, "-I", "-S", "-c", _BOOTSTRAP, main_path, tests_path, str(self.key_read),
+                str(self.report_write), str(cpu_s), str(self.address_space), str(self.nproc),
+                str(_FILE_SIZE_BYTES), str(_OPEN_FILES), str(uid), "1" if undumpable else "0"]
+
+    def finish(self) -> tuple[bool, bool, int | None]:
+        """(completed, memory exceeded, peak bytes), once every process of the run is gone."""
+        peak, oom = None, False
+        if self.cgroup is not None:
+            self.cgroup.kill_all()
+            peak, oom = self.cgroup.usage()
+            self.cgroup.remove()
+        os.set_blocking(self.report_read, False)
+        report = b""
+        try:
+            while len(report) <= len(self.sentinel):
+                chunk = os.read(self.report_read, 4096)
+                if not chunk:
+                    break
+                report += chunk
+        except BlockingIOError:
+            pass
+        return secrets.compare_digest(report, self.sentinel), oom, peak
+
+    def close(self) -> None:
+        for fd in (self.key_read, self.report_read, self.report_write):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if self.cgroup is not None:
+            self.cgroup.remove()  # a no-op after finish(); here for runs that failed to start
+
+
+def _memfd(name: str, text: str) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.write(fd, _encode(text))
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _run_bwrap(bwrap: str, code: str, tests: str | None, stdin: str, timeout_s: float,
+               memory_mb: int, max_output_bytes: int, max_processes: int) -> SandboxResult:
     as_root = os.geteuid() == 0
     uid = _UIDS.acquire() if as_root else -1
-    memfd = os.memfd_create("r1lab-sandbox-program", os.MFD_CLOEXEC)
-    info_read, info_write = os.pipe()
+    setup = None
+    to_close: list[int] = []
     try:
-        os.write(memfd, code.encode("utf-8", errors="surrogatepass"))
-        os.lseek(memfd, 0, os.SEEK_SET)
-        argv = _bwrap_command(bwrap, memfd, info_write, as_root) + _bootstrap_argv(
-            _runtime().python, _MAIN_PATH, timeout_s, memory_mb, max_processes, uid)
-        return _execute(argv, stdin, timeout_s, max_output_bytes, pass_fds=(memfd, info_write),
+        # Without root, bwrap's init runs as the caller inside the user namespace and counts
+        # against the sandbox's process limit.
+        setup = _RunSetup(memory_mb, max_processes, 0 if as_root else 1, fallback=True)
+        files = {_MAIN_PATH: _memfd("r1lab-sandbox-program", code)}
+        to_close += files.values()
+        if tests is not None:
+            files[_TESTS_PATH] = _memfd("r1lab-sandbox-tests", tests)
+            to_close.append(files[_TESTS_PATH])
+        info_read, info_write = os.pipe()  # (_execute closes info_write once bwrap has it)
+        to_close.append(info_read)
+        seccomp_fd = None
+        bpf = limits.seccomp_filter()
+        if bpf is not None:
+            seccomp_fd, seccomp_write = os.pipe()
+            to_close.append(seccomp_fd)
+            os.write(seccomp_write, bpf)  # a few hundred bytes: fits the pipe buffer
+            os.close(seccomp_write)
+        argv = (setup.launcher()
+                + _bwrap_command(bwrap, files, info_write, seccomp_fd, as_root)
+                + setup.harness_argv(_runtime().python, _MAIN_PATH,
+                                     _TESTS_PATH if tests is not None else "", timeout_s, uid,
+                                     undumpable=not as_root))
+        fds = (*files.values(), info_write, setup.key_read, setup.report_write,
+               *([seccomp_fd] if seccomp_fd is not None else []))
+        return _execute(argv, stdin, timeout_s, max_output_bytes, setup, pass_fds=fds,
                         cwd=None, env={"PATH": "/usr/bin:/bin"}, sandboxed=True,
                         info_fds=(info_read, info_write))
     finally:
-        os.close(memfd)
-        os.close(info_read)  # (_execute closes info_write as soon as bwrap has inherited it)
+        for fd in to_close:
+            os.close(fd)
+        if setup is not None:
+            setup.close()
         if as_root:
             _UIDS.release(uid)
 
 
-def _run_unsafe(code: str, stdin: str, timeout_s: float, memory_mb: int,
+def _run_unsafe(code: str, tests: str | None, stdin: str, timeout_s: float, memory_mb: int,
                 max_output_bytes: int, max_processes: int) -> SandboxResult:
-    with tempfile.TemporaryDirectory(prefix="r1lab-unsafe-") as workdir:
-        path = os.path.join(workdir, "main.py")
-        with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
-            f.write(code)
-        argv = _bootstrap_argv(os.path.realpath(sys.executable), path, timeout_s, memory_mb,
-                               max_processes, -1)
-        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8"}
-        return _execute(argv, stdin, timeout_s, max_output_bytes, pass_fds=(), cwd=workdir,
-                        env=env, sandboxed=False)
+    # Without bwrap the program shares the caller's uid, whose process count includes every
+    # process the caller has: the one-process fallback cannot be expressed, so only a cgroup
+    # bounds the whole program here.
+    setup = _RunSetup(memory_mb, max_processes, 0, fallback=False)
+    try:
+        with tempfile.TemporaryDirectory(prefix="r1lab-unsafe-") as workdir:
+            paths = {"main.py": code, **({"tests.py": tests} if tests is not None else {})}
+            for name, text in paths.items():
+                with open(os.path.join(workdir, name), "wb") as f:
+                    f.write(_encode(text))
+            argv = setup.launcher() + setup.harness_argv(
+                os.path.realpath(sys.executable), os.path.join(workdir, "main.py"),
+                os.path.join(workdir, "tests.py") if tests is not None else "", timeout_s, -1,
+                undumpable=True)
+            env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8"}
+            return _execute(argv, stdin, timeout_s, max_output_bytes, setup,
+                            pass_fds=(setup.key_read, setup.report_write), cwd=workdir, env=env,
+                            sandboxed=False)
+    finally:
+        setup.close()
 
 
-def _execute(argv: list[str], stdin: str, timeout_s: float, max_output_bytes: int, *,
-             pass_fds: tuple[int, ...], cwd: str | None, env: dict[str, str], sandboxed: bool,
+def _execute(argv: list[str], stdin: str, timeout_s: float, max_output_bytes: int,
+             setup: _RunSetup, *, pass_fds: tuple[int, ...], cwd: str | None,
+             env: dict[str, str], sandboxed: bool,
              info_fds: tuple[int, int] | None = None) -> SandboxResult:
     start = time.monotonic()
     deadline = start + timeout_s
@@ -402,6 +525,8 @@ def _execute(argv: list[str], stdin: str, timeout_s: float, max_output_bytes: in
     finally:
         if info_fds is not None:
             os.close(info_fds[1])  # bwrap has its own copy; EOF comes once it has written
+        os.close(setup.report_write)  # only the sandbox may hold the write end from now on
+        setup.report_write = -1
     sandbox_init = None
     try:
         if info_fds is not None:
@@ -423,6 +548,7 @@ def _execute(argv: list[str], stdin: str, timeout_s: float, max_output_bytes: in
             # bwrap returns as soon as the program exits (or dies when killed); the namespace is
             # torn down a moment later. Return only once every process in it is gone.
             sandbox_init.wait_gone(timeout_s=5.0)
+    completed, memory_exceeded, peak = setup.finish()
     return SandboxResult(
         returncode=proc.returncode,
         stdout=out.decode("utf-8", errors="replace"),
@@ -431,6 +557,9 @@ def _execute(argv: list[str], stdin: str, timeout_s: float, max_output_bytes: in
         output_truncated=truncated,
         sandboxed=sandboxed,
         duration_s=time.monotonic() - start,
+        completed=completed,
+        memory_exceeded=memory_exceeded,
+        memory_peak_bytes=peak,
     )
 
 
@@ -584,9 +713,9 @@ class SandboxPool:
 def run_many(codes: Sequence[str], tests: Sequence[str] | None = None, *, workers: int = 4,
              **run_kwargs) -> list[SandboxResult]:
     """Run each program (followed by its tests, when given) in its own sandbox, in parallel."""
-    if tests is not None:
-        if len(tests) != len(codes):
-            raise ValueError(f"{len(codes)} programs but {len(tests)} test blocks")
-        codes = [f"{code}\n\n{test}\n" for code, test in zip(codes, tests)]
+    if tests is not None and len(tests) != len(codes):
+        raise ValueError(f"{len(codes)} programs but {len(tests)} test blocks")
     with SandboxPool(workers=workers, **run_kwargs) as pool:
-        return pool.map(codes)
+        futures = [pool.submit(code, tests=None if tests is None else tests[i])
+                   for i, code in enumerate(codes)]
+        return [f.result() for f in futures]
