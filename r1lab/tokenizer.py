@@ -173,6 +173,12 @@ class Tokenizer:
         return [self.backend.id_to_token(int(i)) for i in ids]
 
     # ------------------------------------------------------------------------------- chat template
+    @property
+    def has_own_chat_template(self) -> bool:
+        """A chat template of its own (a real instruct / R1-distill model); r1lab's own base models carry only
+        the built-in ChatML fallback and were trained on R1-Zero-template documents, never on ChatML."""
+        return bool(self.chat_template) and self.chat_template != CHATML_TEMPLATE
+
     def apply_chat_template(
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
     ) -> str:

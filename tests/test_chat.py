@@ -110,6 +110,7 @@ def test_prompt_rendering_forces_think(tiny):
 
     class ChatTokenizer:  # a model with a real chat template
         chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
+        has_own_chat_template = True
 
         def apply_chat_template(self, messages, add_generation_prompt=True):
             return "".join(f"<|{m['role']}|>{m['content']}" for m in messages) + "<|assistant|>"

@@ -43,3 +43,17 @@ def test_step_metrics_do_not_depend_on_micro_batching(tmp_path):
     assert whole["lr"] == pytest.approx(1e-3 / 4)  # warmup step 1 of 4, not the next step's 2e-3 / 4
     assert whole["accuracy"] in {i / 8 for i in range(9)}
     assert whole["memory/peak_rss_gib"] > 0
+
+
+def test_a_tiny_model_lr_on_a_large_checkpoint_is_warned_about(tmp_path, caplog, monkeypatch):
+    import r1lab.train.grpo as grpo
+
+    model, tok = load_model_and_tokenizer(ASSETS / "r1-tiny", dtype="float32")
+    cfg = GRPOConfig(task=TaskConfig(name="chain_sum", train_size=8), lr=5e-4)
+    with caplog.at_level("WARNING", logger="r1lab.train.grpo"):
+        Trainer(cfg, model, tok, RunDir(tmp_path / "a"))
+        assert not caplog.records  # 1.9M parameters: the tiny default is right
+        monkeypatch.setattr(grpo, "LARGE_MODEL_PARAMETERS", 1_000_000)
+        Trainer(cfg, model, tok, RunDir(tmp_path / "b"))
+    [record] = caplog.records
+    assert "lr=0.0005" in record.getMessage() and "\n" not in record.getMessage()

@@ -15,6 +15,7 @@ from r1lab.tasks import (
     MATH_INSTRUCTION,
     R1_ZERO_TEMPLATE,
     Problem,
+    Task,
     TaskDataError,
     chat_prompt,
     gold_from_text,
@@ -365,3 +366,57 @@ def test_export_task_round_trips_to_the_same_splits(tmp_path):
         assert [(p.question, p.gold) for p in a] == [(p.question, p.gold) for p in b]
     problem = exported.load("test").problems[0]
     assert exported.load("test").score(problem, f"<think>x</think> <answer>{problem.gold}</answer>") == 1.0
+
+
+class _InstructTokenizer:
+    """A stand-in for an instruct model's tokenizer: a chat template of its own, ChatML-like."""
+
+    has_own_chat_template = True
+    stop_ids = [0]
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "".join(f"<|{m['role']}|>{m['content']}" for m in messages) + "<|assistant|>"
+
+    def encode_prompt(self, text, chat=False):
+        return [ord(c) for c in text]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(i) for i in ids)
+
+
+def test_an_instruct_model_is_asked_r1_zero_questions_as_chat_turns():
+    from r1lab.model import DEFAULT_MODEL_DIR
+    from r1lab.tokenizer import load_tokenizer
+
+    task = load_task("chain_sum", "test", size=2, seed=0)
+    assert task.default_template(load_tokenizer(DEFAULT_MODEL_DIR)) == "r1_zero"  # r1lab's own base model
+    chat = task.prompt(task.problems[0], _InstructTokenizer())
+    assert chat.text.startswith("<|user|>") and chat.text.endswith(MATH_INSTRUCTION + "<|assistant|>")
+    assert task.prompt(task.problems[0], _InstructTokenizer(), "r1_zero").text.startswith("A conversation")
+
+
+def test_humaneval_is_posed_with_the_published_evalplus_prompt_and_its_reply_opening_is_scored():
+    task = load_task("humaneval", "test")
+    problem = task.problems[0]
+    prompt = task.prompt(problem, _InstructTokenizer())
+    stub = problem.meta["code_prefix"].strip()
+    assert prompt.text.startswith("<|user|>Please provide a self-contained Python script") and stub in prompt.text
+    assert prompt.text.endswith("<|assistant|>" + prompt.completion_prefix)
+    assert prompt.completion_prefix.endswith("```python\n") and "Please reason" not in prompt.text
+    body = problem.meta["canonical_solution"] + "\n```\nThe function above passes the tests."
+    text = Task.completion_text(_InstructTokenizer(), [ord(c) for c in body], prompt.completion_prefix)
+    assert text.startswith(prompt.completion_prefix) and text.endswith(body)
+    r1 = load_task("humaneval", "test", prompt="r1")
+    assert r1.prompt(r1.problems[0], _InstructTokenizer()).completion_prefix == ""
+    with pytest.raises(TaskDataError, match="prompt must be one of"):
+        load_task("humaneval", "test", prompt="nope")
+
+
+@needs_sandbox
+def test_the_canonical_humaneval_solution_passes_under_the_evalplus_prompt():
+    task = load_task("humaneval", "test", size=3, seed=1)
+    for problem in task.problems:
+        prompt = task.prompt(problem, _InstructTokenizer())
+        text = prompt.completion_prefix + problem.meta["canonical_solution"] + "\n```\n"
+        assert task.score(problem, text) == 1.0
+        assert task.score(problem, prompt.completion_prefix + problem.meta["code_prefix"] + "    pass\n```\n") == 0.0

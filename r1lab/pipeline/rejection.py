@@ -239,7 +239,8 @@ def rejection_sample(
                   for j, (text, score, reason) in enumerate(zip(item.texts, item.scores, item.finish_reasons))]
     kept, rejected = select(candidates, filters, count_tokens)
     source = {"model": model_name or getattr(model.args, "model_type", "model"), "step": step,
-              "temperature": temperature, "top_p": top_p, "seed": seed, "template": template or task.template}
+              "temperature": temperature, "top_p": top_p, "seed": seed,
+              "template": template or task.default_template(tokenizer)}
     passed = passed_filters(filters)
     records = [{"prompt": sampled[c.prompt_index].prompt.text, "completion": c.text,
                 "question": task.problems[c.prompt_index].question, "gold": task.problems[c.prompt_index].gold,

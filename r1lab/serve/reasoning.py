@@ -290,10 +290,7 @@ def choose_template(tokenizer: Any, template: str = "auto") -> str:
         return template
     if template != "auto":
         raise ValueError(f"template must be 'auto', 'chat' or 'r1_zero', got {template!r}")
-    from r1lab.tokenizer import CHATML_TEMPLATE
-
-    own = getattr(tokenizer, "chat_template", None)
-    return "chat" if own and own != CHATML_TEMPLATE else "r1_zero"
+    return "chat" if getattr(tokenizer, "has_own_chat_template", False) else "r1_zero"
 
 
 def _r1_zero_conversation(messages: Sequence[dict]) -> str:

@@ -78,8 +78,11 @@ class Task:
     and scores the text with `score`.
 
     ``instruction`` is the answer-format request appended to the question by chat-style prompts
-    (math: "put your final answer within \\boxed{}"; code: "write it in a python block");
-    ``template`` is the prompt template the task is posed with unless a recipe names another.
+    (math: "put your final answer within \\boxed{}"; code: "write it in a python block"; "" asks for
+    nothing); ``template`` is the prompt template the task is posed with unless a recipe names another;
+    ``response_prefix`` is text the answer is started with (a published protocol's opening of the reply,
+    e.g. EvalPlus's "Below is a Python script ...```python"): part of the prompt, scored as part of the
+    completion.
     """
 
     name: str
@@ -87,15 +90,23 @@ class Task:
     scorer: Scorer
     instruction: str | None = None
     template: str = "r1_zero"
+    response_prefix: str = ""
+
+    def default_template(self, tokenizer: Any) -> str:
+        """The template the task is posed with for this tokenizer: its own, except that a model with a chat
+        template of its own (an instruct checkpoint) is asked R1-Zero-template questions as chat turns."""
+        if self.template == "r1_zero" and getattr(tokenizer, "has_own_chat_template", False):
+            return "chat"
+        return self.template
 
     def prompt(self, problem: Problem, tokenizer: Any, template: str | None = None, *,
                force_think: bool = False) -> Prompt:
-        """The prompt of ``problem`` under ``template`` (None: the task's own), encoded by ``tokenizer``."""
-        template = template or self.template
+        """The prompt of ``problem`` under ``template`` (None: default_template), encoded by ``tokenizer``."""
+        template = template or self.default_template(tokenizer)
         text = render_prompt(template, problem.question, apply_chat_template=tokenizer.apply_chat_template,
                              instruction=self.instruction if self.instruction is not None else MATH_INSTRUCTION,
-                             force_think=force_think)
-        prefix = forced_think_prefix(template).lstrip() if force_think else ""
+                             force_think=force_think) + self.response_prefix
+        prefix = (forced_think_prefix(template).lstrip() if force_think else "") + self.response_prefix
         return Prompt(text, tokenizer.encode_prompt(text, chat=template == "chat"), prefix)
 
     @staticmethod

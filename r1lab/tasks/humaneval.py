@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 from .base import Problem
+from .templates import CODE_INSTRUCTION
 
-__all__ = ["humaneval_problems"]
+__all__ = ["HUMANEVAL_PROMPTS", "humaneval_problems"]
+
+# EvalPlus's instruct-model protocol, which the Qwen2.5-Coder report's instruct table uses: the user turn asks
+# for a self-contained script around the stub, and the reply is opened for the model up to a ```python fence.
+_EVALPLUS_INSTRUCTION = ("Please provide a self-contained Python script that solves the following problem in a "
+                         "markdown code block:")
+_EVALPLUS_RESPONSE = ("Below is a Python script with a self-contained function that solves the problem and passes "
+                      "corresponding tests:\n```python\n")
+
+HUMANEVAL_PROMPTS = {
+    # style: (question from the stub, instruction after it, opening of the reply)
+    "evalplus": (lambda stub: f"{_EVALPLUS_INSTRUCTION}\n```\n{stub.strip()}\n```\n", "", _EVALPLUS_RESPONSE),
+    "r1": (lambda stub: f"Complete the following Python function.\n\n```python\n{stub}```", CODE_INSTRUCTION, ""),
+}
+"""How HumanEval is posed (`humaneval,prompt=STYLE`): evalplus, the published instruct protocol (default), or
+r1, a reasoning prompt (reason step by step, then one python block)."""
 
 
-def humaneval_problems() -> list[Problem]:
-    """All HumanEval problems, in task-id order.
+def humaneval_problems(style: str = "evalplus") -> list[Problem]:
+    """All HumanEval problems, in task-id order, with questions in the given HUMANEVAL_PROMPTS style.
 
     ``tests`` (and ``gold``) is the problem's ``check`` function followed by the call
     ``check(entry_point)``, so "program + tests exits cleanly" means "all asserts passed".
@@ -24,8 +40,7 @@ def humaneval_problems() -> list[Problem]:
     problems = []
     for task_id, item in read_problems().items():
         tests = f"{item['test']}\n\ncheck({item['entry_point']})\n"
-        question = ("Complete the following Python function.\n\n"
-                    f"```python\n{item['prompt']}```")
+        question = HUMANEVAL_PROMPTS[style][0](item["prompt"])
         problems.append(Problem(
             question=question,
             gold=tests,

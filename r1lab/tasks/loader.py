@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .base import ChoiceScorer, CodeTestScorer, MathScorer, Task, select_split
+from .base import ChoiceScorer, CodeTestScorer, MathScorer, Task, TaskDataError, select_split
 from .champ import champ_problems
 from .files import read_jsonl_problems, read_parquet_problems
-from .humaneval import humaneval_problems
+from .humaneval import HUMANEVAL_PROMPTS, humaneval_problems
 from .procedural import load_reasoning_gym
 from .templates import CODE_INSTRUCTION, MATH_INSTRUCTION
 
@@ -38,19 +38,25 @@ def available_tasks() -> list[str]:
 
 
 def _evaluation_set(spec: str, problems, scorer, instruction: str, template: str, split: str, size: int | None,
-                    seed: int, holdout: float | None, config: dict) -> Task:
+                    seed: int, holdout: float | None, config: dict, response_prefix: str = "") -> Task:
     if config:
-        raise TypeError(f"{spec} takes no options besides holdout_fraction, got {sorted(config)}")
+        raise TaskDataError(f"{spec} takes no options besides holdout_fraction, got {sorted(config)}")
     problems = select_split(problems, source=spec, split=split, size=size, seed=seed, holdout_fraction=holdout,
                             eval_only=True)
-    return Task(name=spec, problems=problems, scorer=scorer, instruction=instruction, template=template)
+    return Task(name=spec, problems=problems, scorer=scorer, instruction=instruction, template=template,
+                response_prefix=response_prefix)
 
 
 @register_task("humaneval")
-def _humaneval(split: str, size: int | None, seed: int, holdout_fraction: float | None = None, **config) -> Task:
-    # HumanEval's instruct-model protocol is a chat turn, scored by running the tests in the sandbox
-    return _evaluation_set("humaneval", humaneval_problems(), CodeTestScorer(), CODE_INSTRUCTION, "chat", split,
-                           size, seed, holdout_fraction, config)
+def _humaneval(split: str, size: int | None, seed: int, holdout_fraction: float | None = None,
+               prompt: str = "evalplus", **config) -> Task:
+    """A chat turn (instruct models), scored by running the tests in the sandbox; prompt: a HUMANEVAL_PROMPTS
+    style (evalplus, the published protocol, or r1)."""
+    if prompt not in HUMANEVAL_PROMPTS:
+        raise TaskDataError(f"humaneval: prompt must be one of {sorted(HUMANEVAL_PROMPTS)}, got {prompt!r}")
+    _, instruction, response_prefix = HUMANEVAL_PROMPTS[prompt]
+    return _evaluation_set("humaneval", humaneval_problems(prompt), CodeTestScorer(), instruction, "chat", split,
+                           size, seed, holdout_fraction, config, response_prefix)
 
 
 @register_task("champ")

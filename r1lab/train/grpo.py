@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from r1lab.train.logprobs import token_logprobs
 from r1lab.train.optim import adamw
 from r1lab.train.parallel import gathered_for_rollout, reference_replica, shard_model
 from r1lab.train.step import train_step
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -272,6 +275,8 @@ class Trainer:
                  dist: D.DistInfo | None = None):
         self.cfg, self.model, self.tok, self.run_dir = cfg, model, tokenizer, run_dir
         self.dist = dist or D.single_process(cfg.device)
+        if self.dist.is_main:
+            _warn_on_tiny_defaults(cfg, model)
         if self.dist.is_distributed:  # shard before the optimizer sees the parameters
             shard_model(model, self.dist)
         self.device = self.dist.device if self.dist.is_distributed else torch.device(cfg.device)
@@ -511,6 +516,19 @@ class Trainer:
         if self.cfg.objective.beta > 0:
             self.ref = self._snapshot()  # a resumed run re-anchors KL at the restored policy
         return True
+
+
+LARGE_MODEL_PARAMETERS = 50_000_000
+
+
+def _warn_on_tiny_defaults(cfg: GRPOConfig, model) -> None:
+    """A pretrained checkpoint trained with the embedded tiny model's settings goes to word salad in one step
+    (lr 5e-4 took Qwen2.5-Coder-0.5B's entropy from 0.87 to 3.98): say so before the run starts."""
+    n = model.num_parameters()
+    if n >= LARGE_MODEL_PARAMETERS and cfg.lr >= 1e-4:
+        logger.warning(f"warning: lr={cfg.lr:g} is a setting for r1lab's tiny embedded models; a pretrained "
+                       f"checkpoint of {n / 1e6:.0f}M parameters wants ~1e-6 "
+                       f"(recipes/zero-qwen2.5-coder-0.5b.yaml)")
 
 
 def memory_metrics(device: torch.device) -> dict[str, float]:
