@@ -25,7 +25,8 @@ needs_seccomp = pytest.mark.skipif(limits.seccomp_filter() is None,
 
 MIB = 1 << 20
 # Other work on the machine moves MemAvailable by a few hundred MiB at times (seen: 100-420 MiB
-# for the same bounded run); the unbounded bombs below take 3.2 GiB and 768 MiB.
+# for the same bounded run, once 1.4 GiB while another job grew to 4 GB); the unbounded bombs
+# below take 3.2 GiB and 768 MiB.
 SLACK = 768 * MIB
 
 
@@ -58,6 +59,19 @@ def run_measured(code: str, **kwargs):
     return result, baseline - lowest[0]
 
 
+def smallest_drop(code: str, limit: int, tries: int = 3, **kwargs):
+    """Like :func:`run_measured`, repeated while the drop exceeds ``limit``: other work on the
+    machine only ever adds to a drop, so the smallest of a few runs bounds the program's own
+    share. Returns the last result and the smallest drop."""
+    drops = []
+    for _ in range(tries):
+        result, drop = run_measured(code, **kwargs)
+        drops.append(drop)
+        if drop < limit:
+            break
+    return result, min(drops)
+
+
 def host_is_fine() -> bool:
     return subprocess.run([sys.executable, "-c", "print(1)"], capture_output=True,
                           timeout=30).stdout.strip() == b"1"
@@ -88,7 +102,8 @@ print('parent done')
 @needs_cgroup
 def test_processes_share_one_memory_budget():
     budget_mb = 512
-    result, drop = run_measured(FORK_BOMB, memory_mb=budget_mb, timeout_s=8)
+    result, drop = smallest_drop(FORK_BOMB, budget_mb * MIB + SLACK, memory_mb=budget_mb,
+                                 timeout_s=8)
     assert not result.passed
     assert result.memory_exceeded
     assert drop < budget_mb * MIB + SLACK, f"host lost {drop / MIB:.0f} MiB"
@@ -112,7 +127,8 @@ print('rc', done.returncode, done.stdout.strip(), done.stderr.strip())
 @needs_seccomp
 def test_nested_user_namespace_cannot_mount_an_uncapped_tmpfs():
     budget_mb = 256
-    result, drop = run_measured(NAMESPACE_BOMB, memory_mb=budget_mb, timeout_s=10)
+    result, drop = smallest_drop(NAMESPACE_BOMB, budget_mb * MIB + SLACK, memory_mb=budget_mb,
+                                 timeout_s=10)
     assert "768\t/tmp" not in result.stdout, result.stdout
     assert "Operation not permitted" in result.stdout  # refused, not merely slow
     assert drop < budget_mb * MIB + SLACK, f"host lost {drop / MIB:.0f} MiB"
@@ -159,7 +175,8 @@ def without_cgroups(monkeypatch):
 @needs_sandbox
 def test_without_cgroups_the_program_is_one_process_with_the_whole_budget(without_cgroups):
     budget_mb = 512
-    result, drop = run_measured(FORK_BOMB, memory_mb=budget_mb, timeout_s=8)
+    result, drop = smallest_drop(FORK_BOMB, budget_mb * MIB + SLACK, memory_mb=budget_mb,
+                                 timeout_s=8)
     assert not result.passed and "child holds" not in result.stdout
     assert "BlockingIOError" in result.stderr  # fork: Resource temporarily unavailable
     assert result.memory_peak_bytes is None
@@ -172,3 +189,52 @@ def test_without_cgroups_the_program_is_one_process_with_the_whole_budget(withou
     over = run_python("block = b'x' * (600 << 20)", memory_mb=budget_mb, timeout_s=8)
     assert not over.passed and "MemoryError" in over.stderr
     assert host_is_fine()
+
+
+# ----------------------------------------------------------------------------- cgroup detection
+# This machine (and CI) has cgroup v1 memory and pids hierarchies; the v2 path is checked on a
+# fake cgroup tree, which tests the file names and the parsing, not the kernel.
+
+
+def fake_v2(tmp_path, controllers="cpu memory pids", enabled="memory pids"):
+    own = tmp_path / "cg2" / "user.slice" / "me"
+    own.mkdir(parents=True)
+    (own / "cgroup.controllers").write_text(controllers + "\n")
+    (own / "cgroup.subtree_control").write_text(enabled + "\n")
+    mountinfo = (f"31 23 0:28 / {tmp_path}/cg1 rw - tmpfs tmpfs rw\n"
+                 f"41 31 0:38 / {tmp_path}/cg2 rw,relatime - cgroup2 cgroup2 rw\n")
+    return own, mountinfo
+
+
+def test_cgroup_v2_layout_and_run_cgroup_files(tmp_path):
+    own, mountinfo = fake_v2(tmp_path)
+    layout = limits.find_layout("0::/user.slice/me\n", mountinfo)
+    assert layout == limits.CgroupLayout(2, str(own), str(own))
+    (own / "memory.swap.max").write_text("max\n")  # only written where the kernel has it
+    group = limits.RunCgroup(layout, 300 * MIB, 40)
+    (run,) = [p for p in own.iterdir() if p.is_dir()]
+    assert group.procs_files == [str(run / "cgroup.procs")]
+    assert (run / "memory.max").read_text() == str(300 * MIB)
+    assert (run / "pids.max").read_text() == "40"
+    assert not (run / "memory.oom.group").exists()
+    assert group.usage() == (None, False)
+    (run / "memory.peak").write_text("1234\n")
+    (run / "memory.events").write_text("low 0\nhigh 0\nmax 7\noom 1\noom_kill 1\n")
+    assert group.usage() == (1234, True)
+    for child in run.iterdir():
+        child.unlink()
+    group.remove()
+    assert not run.exists()
+
+
+def test_cgroup_v2_without_the_controllers_falls_back_to_v1_or_none(tmp_path):
+    own, mountinfo = fake_v2(tmp_path, controllers="cpu io")
+    assert limits.find_layout("0::/user.slice/me\n", mountinfo) is None
+    (tmp_path / "mem" / "a").mkdir(parents=True)
+    (tmp_path / "pid" / "a").mkdir(parents=True)
+    mountinfo += (f"35 31 0:32 / {tmp_path}/mem rw,relatime - cgroup cgroup rw,memory\n"
+                  f"39 31 0:36 / {tmp_path}/pid rw,relatime - cgroup cgroup rw,pids\n")
+    proc_cgroup = "4:memory:/a\n8:pids:/a\n0::/user.slice/me\n"
+    assert limits.find_layout(proc_cgroup, mountinfo) == limits.CgroupLayout(
+        1, str(tmp_path / "mem" / "a"), str(tmp_path / "pid" / "a"))
+    assert limits.find_layout("4:memory:/a\n0::/user.slice/me\n", mountinfo) is None  # no pids

@@ -28,6 +28,19 @@ What it does, in order:
 The parent counts a run as *completed* only when the report pipe holds exactly the sentinel.
 Leaving early (``sys.exit``, ``os._exit``, a signal, a thread, an excepthook, an atexit handler)
 never reaches the guard; a test that fails raises before it.
+
+What this does not cover. The harness shares a process with the program, so it is as strong as
+CPython's introspection barriers: the audit hook is not a general sandbox (an interpreter bug or a
+way to raw memory would beat it; ``/proc/self/mem`` is closed by making the process non-dumpable,
+``ctypes`` by the hook). The thread-count and builtins-identity checks are defence in depth: no
+attack found needs them once the frame check is in place. And it proves only that the tests ran
+to their end, not that they are strict: a function returning an object whose ``__eq__`` is always
+true, or one that reads the expected values out of its caller's frame, passes ``assert f(1) == 2``
+honestly -- that is the tests' to guard against.
+
+Python 3.13 made ``frame.f_locals`` write-through; the guard's checks hold there too (they compare
+identities it keeps in its own locals), but restoring builtins relies on the driver's locals, so
+that one step is weaker on 3.13+.
 """
 
 # The sentinel's guard. Everything it uses arrives as an argument: the program can rebind any

@@ -17,6 +17,10 @@ program gets one memory budget and one process budget for everything it starts:
 A seccomp filter (loaded by bwrap just before the program starts, in both bwrap modes) closes the
 ways around both: new user namespaces (a private tmpfs mount outside every cap), ``memfd_create``
 and SysV shared memory / message queues (memory held outside the address space).
+
+Cost, measured on the 2-core CI-type VM (cgroup v1): a trivial program + tests takes ~60 ms with
+its run cgroup against ~48 ms without; almost all of the difference is the kernel moving the
+launcher into the v1 cgroups (creating, reading and removing them is well under 1 ms).
 """
 
 from __future__ import annotations
@@ -48,15 +52,14 @@ class CgroupLayout:
     pids_dir: str
 
 
-def _mounts() -> list[tuple[str, str, str, set[str]]]:
+def _mounts(mountinfo: str) -> list[tuple[str, str, str, set[str]]]:
     """(mount root, mount point, fs type, super options) of every cgroup mount."""
     found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, rest = left.split(), right.split()
-            if len(fields) >= 5 and len(rest) >= 3 and rest[0] in ("cgroup", "cgroup2"):
-                found.append((fields[3], fields[4], rest[0], set(rest[2].split(","))))
+    for line in mountinfo.splitlines():
+        left, _, right = line.partition(" - ")
+        fields, rest = left.split(), right.split()
+        if len(fields) >= 5 and len(rest) >= 3 and rest[0] in ("cgroup", "cgroup2"):
+            found.append((fields[3], fields[4], rest[0], set(rest[2].split(","))))
     return found
 
 
@@ -81,14 +84,19 @@ def _write(path: str, value: str) -> None:
 def cgroup_layout() -> CgroupLayout | None:
     """The cgroup directories this process can create run cgroups in, or None."""
     try:
-        own = {}
-        for line in _read("/proc/self/cgroup").splitlines():
-            hier, controllers, path = line.split(":", 2)
-            for name in controllers.split(",") if controllers else ["<v2>"]:
-                own[name] = path
-        mounts = _mounts()
+        return find_layout(_read("/proc/self/cgroup"), _read("/proc/self/mountinfo"))
     except (OSError, ValueError):
         return None
+
+
+def find_layout(proc_cgroup: str, mountinfo: str) -> CgroupLayout | None:
+    """The layout described by the texts of /proc/self/cgroup and /proc/self/mountinfo."""
+    own = {}
+    for line in proc_cgroup.splitlines():
+        _, controllers, path = line.split(":", 2)
+        for name in controllers.split(",") if controllers else ["<v2>"]:
+            own[name] = path
+    mounts = _mounts(mountinfo)
     # v2 first: one directory for both controllers, when they are delegated to us.
     for root, point, fstype, _ in mounts:
         if fstype == "cgroup2" and "<v2>" in own:
