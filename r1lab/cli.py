@@ -92,11 +92,25 @@ def _shared_run_dir(out: Optional[Path], kind: str, info) -> Path:
     return Path(D.broadcast_object(str(out or _timestamped_run_dir(kind)), info))
 
 
+def _new_run_dir(out: Optional[Path], kind: str, info, *, resume: bool = False) -> Path:
+    """_shared_run_dir for a command that starts a run (kind: its name, which the error quotes): a folder
+    holding an earlier run is refused unless resuming. Rank 0 looks, so that every rank raises the same
+    error or none."""
+    from r1lab import distributed as D
+    from r1lab.run_dir import refuse_used_run_dir, run_markers
+
+    path = str(out or _timestamped_run_dir(kind))
+    path, markers = D.broadcast_object((path, run_markers(path) if info.is_main else None), info)
+    if not resume:
+        refuse_used_run_dir(path, kind, markers=markers, resumable=kind == "zero")
+    return Path(path)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def pretrain(
     ctx: typer.Context,
     recipe: Optional[Path] = typer.Option(None, help="YAML recipe (e.g. recipes/pretrain-tiny.yaml)."),
-    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/pretrain-<time>)."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/pretrain-<time>); one holding a run is refused."),
 ):
     """Pretrain a base model on the procedural bilingual corpus (r1lab's analog of DeepSeek-V3-Base).
 
@@ -108,7 +122,7 @@ def pretrain(
 
     cfg = load_config(PretrainConfig, recipe, ctx.args)
     with _processes(cfg.device) as info:
-        run_dir = RunDir(_shared_run_dir(out, "pretrain", info))
+        run_dir = RunDir(_new_run_dir(out, "pretrain", info))
         if info.is_main:
             run_dir.write_config(to_dict(cfg))
         path = run(cfg, run_dir, dist=info)
@@ -144,7 +158,7 @@ def sft(
 def sample(
     ctx: typer.Context,
     recipe: Optional[Path] = typer.Option(None, help="YAML recipe with RejectionConfig fields."),
-    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/sample-<time>)."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/sample-<time>); one holding a run is refused."),
 ):
     """Rejection sampling (R1 stage 3): k samples per task prompt, keep correct and clean ones → records.jsonl.
 
@@ -155,7 +169,7 @@ def sample(
 
     cfg = load_config(RejectionConfig, recipe, ctx.args)
     with _processes(cfg.device) as info:
-        path = run_rejection(cfg, _shared_run_dir(out, "sample", info), dist=info)
+        path = run_rejection(cfg, _new_run_dir(out, "sample", info), dist=info)
         if info.is_main:
             typer.echo(f"wrote {path}")
 
@@ -211,7 +225,7 @@ def zero(
     task: Optional[str] = typer.Option(None, help="Task spec (default chain_sum): a reasoning-gym name, jsonl:PATH, ..."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda."),
     recipe: Optional[Path] = typer.Option(None, help="YAML recipe (e.g. recipes/zero-gpu.yaml)."),
-    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/zero-<time>)."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/zero-<time>); one holding a run needs --resume."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
 ):
     """R1-Zero: GRPO with rule rewards from a base model; prints a before/after table on held-out problems.
@@ -229,7 +243,7 @@ def zero(
     if resume and out is None:
         raise typer.BadParameter("--resume needs --out DIR of the run to continue")
     with _processes(cfg.grpo.device) as info:
-        run_dir = RunDir(_shared_run_dir(out, "zero", info))
+        run_dir = RunDir(_new_run_dir(out, "zero", info, resume=resume))
         if info.is_main:
             run_dir.write_config(to_dict(cfg))
         summary = run_zero(cfg, run_dir, resume=resume, dist=info)
@@ -271,7 +285,7 @@ def eval_(
         ..., "--bench", "-b",
         help="Benchmark TASK[@SIZE][,key=value...], repeatable: a reasoning-gym name (held-out split, e.g. "
              "chain_sum@200), jsonl:PATH[,question_field=..,answer_field=..], humaneval, champ."),
-    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/eval-<time>)."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/eval-<time>); one holding a run is refused."),
     k: int = typer.Option(4, min=1, help="Samples per question (pass@1 is their mean; R1 uses 4-64)."),
     temperature: float = typer.Option(0.6, min=0.0, help="R1 protocol: 0.6."),
     top_p: float = typer.Option(0.95, min=0.0, max=1.0, help="R1 protocol: 0.95 (0 < top_p <= 1)."),
@@ -293,7 +307,7 @@ def eval_(
     for spec in bench:
         parse_bench(spec)  # a malformed spec fails now, not after the model load and the benchmarks before it
     with _processes(device) as info:
-        run_dir = _shared_run_dir(out, "eval", info)
+        run_dir = _new_run_dir(out, "eval", info)
         evaluate_benchmarks(model, bench, run_dir, template=template, k=k, temperature=temperature, top_p=top_p,
                             max_new_tokens=max_new_tokens, seed=seed, force_think=force_think, stop_strings=stop,
                             device=device,
@@ -345,24 +359,31 @@ def serve(
 
 def main() -> None:
     """The `r1lab` command (also `python -m r1lab` and `torchrun -m r1lab`). Bad input (r1lab.errors.InputError,
-    or a file that is not there) prints its message, without a traceback unless R1LAB_TRACEBACK=1, and exits
-    with status 2, as click does for a bad option."""
+    or a file that is not there) and a machine that cannot run model-written code in the sandbox print one
+    line, without a traceback unless R1LAB_TRACEBACK=1, and exit with status 2, as click does for a bad
+    option."""
     import os
     import sys
 
     from r1lab.errors import InputError
     from r1lab import distributed as D
+    from r1lab.sandbox import SandboxUnavailable
 
     try:
         app()  # click's standalone mode ends with sys.exit, also on success
     except SystemExit as done:
         D.exit_after_teardown(done.code)  # torchrun ranks whose group was torn down cleanly end here
         raise
-    except (InputError, FileNotFoundError) as error:
+    except (InputError, FileNotFoundError, SandboxUnavailable) as error:
         if os.environ.get("R1LAB_TRACEBACK") == "1":
             raise
+        message = str(error)
+        if isinstance(error, SandboxUnavailable):  # one line that says how to get the sandbox
+            message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+            if "apt-get install bubblewrap" not in message:
+                message += " Install bubblewrap: apt-get install bubblewrap."
         rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        print(f"{rank}error: {error}", file=sys.stderr)
+        print(f"{rank}error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

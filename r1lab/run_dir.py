@@ -6,6 +6,9 @@ non-finite values are written as null (strict JSON readers reject NaN). Lines ar
 crash loses at most the line being written. Resuming from step s drops metric and sample lines with a
 step > s (written after that checkpoint) so curves do not show a step twice, and tells TensorBoard to
 purge its later events too.
+
+A command that starts a run refuses a folder that already holds one (`refuse_used_run_dir`): appending a
+second run's steps to the first's metrics.jsonl would mix two runs in one file for good.
 """
 
 from __future__ import annotations
@@ -19,7 +22,34 @@ from typing import Any, Iterable
 
 import yaml
 
+from r1lab.errors import InputError
 from r1lab.fsutil import atomic_write_text
+
+# What a started run leaves behind; config.yaml alone is not one (it is written before anything can fail).
+RUN_MARKERS = ("metrics.jsonl", "summary.json", "checkpoints")
+
+
+class RunDirInUse(InputError):
+    """--out names a folder that already holds a run, and the command was not asked to continue it."""
+
+
+def run_markers(path: str | Path) -> list[str]:
+    """Which of RUN_MARKERS `path` holds (checkpoints/ shown with its slash); [] for a fresh or absent folder."""
+    path = Path(path)
+    return [name + ("/" if (path / name).is_dir() else "") for name in RUN_MARKERS if (path / name).exists()]
+
+
+def refuse_used_run_dir(path: str | Path, command: str, *, markers: list[str] | None = None,
+                        resumable: bool = False) -> None:
+    """Raise RunDirInUse when `path` holds a run (markers: run_markers(path), computed by the caller when the
+    ranks of a torchrun job must agree on one answer). The message names the folder and what to do instead."""
+    found = run_markers(path) if markers is None else markers
+    if not found:
+        return
+    what = f"--out {path} already holds a run ({', '.join(found)})"
+    if resumable:
+        raise RunDirInUse(f"{what}; continue it with `r1lab {command} --out {path} --resume`, or pick another --out")
+    raise RunDirInUse(f"{what}; `r1lab {command}` has no --resume, so pick another --out (or delete that folder)")
 
 
 def _scalar(key: str, value: Any) -> float | None:

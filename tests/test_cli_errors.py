@@ -57,3 +57,52 @@ def test_traceback_on_request_and_for_other_errors(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["r1lab", "info", "tiny-dense"])
     with pytest.raises(RuntimeError, match="a bug"):
         main()
+
+
+@pytest.mark.parametrize("marker", ["metrics.jsonl", "summary.json", "checkpoints/"])
+@pytest.mark.parametrize("command", [["pretrain", "steps=1"], ["sample", "size=1", "k=1"],
+                                     ["eval", "--bench", "chain_sum@1", "--k", "1"]])
+def test_a_used_run_directory_is_refused_by_commands_that_cannot_resume(monkeypatch, capsys, tmp_path, command,
+                                                                        marker):
+    monkeypatch.delenv("R1LAB_TRACEBACK", raising=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / marker.rstrip("/")).mkdir() if marker.endswith("/") else (run / marker).write_text("{}\n")
+    before = sorted(p.name for p in run.iterdir())
+    code, err = _run(monkeypatch, capsys, *command, "--out", str(run))
+    assert (code, err) == (2, f"error: --out {run} already holds a run ({marker}); `r1lab {command[0]}` has no "
+                              "--resume, so pick another --out (or delete that folder)\n")
+    assert sorted(p.name for p in run.iterdir()) == before  # not even config.yaml written
+
+
+def test_what_marks_a_used_run_directory(tmp_path):
+    from r1lab.run_dir import refuse_used_run_dir, run_markers
+
+    assert run_markers(tmp_path / "absent") == []
+    (tmp_path / "config.yaml").write_text("a: 1\n")  # written first by every command: not yet a run
+    (tmp_path / "tensorboard").mkdir()
+    assert run_markers(tmp_path) == []
+    refuse_used_run_dir(tmp_path, "zero")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "summary.json").write_text("{}")
+    assert run_markers(tmp_path) == ["summary.json", "checkpoints/"]
+
+
+def test_no_sandbox_for_code_benchmarks_is_one_line_and_exit_2(tmp_path):
+    """Without bubblewrap on PATH, scoring model-written code (humaneval, or any benchmark with tests) stops
+    with how to install it. The plain template makes the whole completion the program, so that the tiny
+    model's output always reaches the sandbox (HumanEval's prompt wants a closed ```python block)."""
+    import os
+    import subprocess
+
+    bench = tmp_path / "code.jsonl"
+    bench.write_text('{"question": "Define f returning 1.", "tests": "assert f() == 1"}\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("R1LAB_ALLOW_UNSANDBOXED", "R1LAB_TRACEBACK")}
+    env.update(PATH=str(tmp_path), OMP_NUM_THREADS="1")  # no bwrap to be found
+    proc = subprocess.run([sys.executable, "-m", "r1lab", "eval", "--bench", f"jsonl:{bench},tests_field=tests",
+                           "--template", "plain", "--k", "1", "--max-new-tokens", "8", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: sandbox unavailable: "), proc.stderr
+    assert "apt-get install bubblewrap" in lines[0]
