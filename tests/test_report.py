@@ -5,11 +5,15 @@ import re
 
 import pytest
 
+import r1lab.eval.report as report
 from r1lab.eval.report import (
     group_metric_keys,
     highlight_completion,
+    merge_identical_series,
+    plot_series,
     read_jsonl,
     reflection_word_frequency,
+    summary_section,
     write_report,
 )
 
@@ -145,3 +149,86 @@ def test_group_metric_keys():
     assert groups == {"Reward and accuracy": ["reward", "accuracy"], "Response length": ["response_length_max"],
                       "Loss, KL, entropy and optimizer": ["kl"], "Throughput": ["tokens_per_s"],
                       "Other": ["mystery"]}
+
+
+def _table_after(heading: str, html_text: str) -> str:
+    match = re.search(rf"<h3>{re.escape(heading)}</h3>(<table>.*?</table>)", html_text)
+    assert match, f"no table under {heading!r}"
+    return match.group(1)
+
+
+def _rows(table: str) -> dict[str, list[str]]:
+    """First cell's text -> the other cells, HTML kept (their class says the colour)."""
+    rows = {}
+    for row in re.findall(r"<tr>(.*?)</tr>", table)[1:]:
+        cells = re.findall(r"<td[^>]*>.*?</td>", row)
+        rows[re.sub(r"<[^>]+>", "", cells[0])] = cells[1:]
+    return rows
+
+
+EVAL_SUMMARY = {  # what r1lab zero writes: evaluate's summary before and after RL
+    "before": {"pass@1": 0.25, "response_length": 20.8, "mixed_language_rate": 0.005, "n_questions": 100, "k": 8,
+               "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 160, "seconds": 75.2, "tokens_per_second": 10.5},
+    "after": {"pass@1": 0.6, "response_length": 39.2, "mixed_language_rate": 0.119, "n_questions": 100, "k": 8,
+              "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 160, "seconds": 6.1, "tokens_per_second": 328.6},
+    "task": "chain_sum", "seconds": 141.3, "seconds_parts": [100.2, 41.1]}
+
+
+def test_settings_and_timing_are_apart_from_the_metrics_and_have_no_delta():
+    html_text = summary_section(EVAL_SUMMARY)
+    metrics = _rows(_table_after("Before and after", html_text))
+    assert list(metrics) == ["pass@1", "response_length", "mixed_language_rate"]
+    settings = _rows(_table_after("Evaluation settings", html_text))
+    assert list(settings) == ["n_questions", "k", "temperature", "top_p", "max_new_tokens"]
+    timing = _rows(_table_after("Evaluation time", html_text))
+    assert list(timing) == ["seconds", "tokens_per_second"]
+    for cells in [*settings.values(), *timing.values()]:
+        assert len(cells) == 2  # before, after: no delta column
+    assert "-69.1" not in html_text and "pos" not in "".join(timing["seconds"] + timing["tokens_per_second"])
+    assert "neg" not in "".join(timing["seconds"])
+
+
+def test_deltas_are_coloured_by_which_way_is_better():
+    metrics = _rows(_table_after("Before and after", summary_section(EVAL_SUMMARY)))
+    assert metrics["pass@1"][2] == '<td class="num pos">+0.35</td>'
+    assert metrics["mixed_language_rate"][2] == '<td class="num neg">+0.114</td>'  # more mixing is a regression
+    assert metrics["response_length"][2] == '<td class="num">+18.4</td>'  # longer is neither
+
+
+def test_run_table_shows_the_seconds_of_every_part():
+    run = _rows(_table_after("Run", summary_section(EVAL_SUMMARY)))
+    assert run["seconds"] == ['<td class="num">141.3</td>']
+    assert run["seconds_parts"] == ['<td class="num">100.2 + 41.1</td>']
+
+
+def test_benchmarks_of_r1lab_eval_are_a_table_with_their_settings_apart():
+    summary = {"model": "m", "k": 4, "chain_sum/pass@1": 0.5, "chain_sum/n_questions": 3,
+               "benchmarks": {"chain_sum": {"pass@1": 0.5, "format_rate": 1.0, "n_questions": 3, "k": 4,
+                                            "seconds": 2.0}}}
+    html_text = summary_section(summary)
+    assert _rows(_table_after("Benchmarks", html_text)) == {
+        "chain_sum": ['<td class="num">0.5</td>', '<td class="num">1</td>']}
+    assert re.search(r"<th>benchmark</th><th>n_questions</th><th>k</th><th>seconds</th>",
+                     _table_after("Benchmarks: settings and time", html_text))
+    assert list(_rows(_table_after("Run", html_text))) == ["model", "k"]  # the flat copies are not repeated
+
+
+def test_identical_series_are_drawn_once_with_both_names():
+    merged = merge_identical_series({"reward": ([0, 1], [1.0, 1.5]), "reward/accuracy": ([0, 1], [0.25, 0.5]),
+                                     "accuracy": ([0, 1], [0.25, 0.5]), "format_rate": ([0, 1], [0.25, 0.6])})
+    assert merged == {"reward": ([0, 1], [1.0, 1.5]), "reward/accuracy = accuracy": ([0, 1], [0.25, 0.5]),
+                      "format_rate": ([0, 1], [0.25, 0.6])}
+
+
+def test_lines_on_one_axes_differ_in_style_and_have_a_legend(monkeypatch):
+    figures = []
+    monkeypatch.setattr(report, "_png_img", lambda fig, alt: figures.append(fig) or "")
+    near = [0.25, 0.5, 0.52]  # accuracy and the accuracy reward term with partial credit: almost one line
+    plot_series("Reward and accuracy", {"reward": ([0, 1, 2], [1.0, 1.5, 1.6]),
+                                        "reward/accuracy": ([0, 1, 2], [0.26, 0.5, 0.53]),
+                                        "accuracy": ([0, 1, 2], near)}, shared_axes=True)
+    (ax,) = [a for a in figures[0].axes if a.get_visible()]
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines] == ["reward", "reward/accuracy", "accuracy"]
+    assert len({(str(line.get_linestyle()), line.get_marker()) for line in lines}) == 3
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["reward", "reward/accuracy", "accuracy"]

@@ -38,7 +38,7 @@ MAX_TEXT_CHARS = 4000
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
 h1{border-bottom:2px solid #444}h2{margin-top:2em;border-bottom:1px solid #ccc}
-table{border-collapse:collapse;margin:1em 0;font-size:.9em}
+table{border-collapse:collapse;margin:1em 0;font-size:.9em;display:block;overflow-x:auto;max-width:100%}
 td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
 th{background:#f2f2f2}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .pos{color:#1a7f37}.neg{color:#b42318}
@@ -46,6 +46,7 @@ pre.sample{white-space:pre-wrap;background:#fafafa;border:1px solid #ddd;padding
 .think{font-style:italic;color:#666;background:#eef1f6}
 .answer{font-weight:bold;color:#1a7f37;background:#e9f7ec}
 .warning{color:#9a6700;background:#fff8c5;padding:.4em}
+.note{color:#555;font-size:.85em;margin-top:-.5em}
 img{max-width:100%}
 """
 
@@ -170,28 +171,51 @@ def _png_img(fig, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
 
 
+# Lines sharing one axes differ in dash and marker as well as colour, so that two curves that coincide over
+# a stretch (training accuracy and the accuracy reward term, say) both stay visible.
+LINE_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)), "v"), ((0, (1, 3)), "P"))
+
+
+def merge_identical_series(series: dict[str, tuple[list[float], list[float]]]
+                           ) -> dict[str, tuple[list[float], list[float]]]:
+    """Series with exactly the same points drawn once, labelled with all their names ("a = b"): a second
+    line drawn on top of an identical one would hide it."""
+    merged: dict[tuple, list[str]] = {}
+    for name, (xs, ys) in series.items():
+        merged.setdefault((tuple(xs), tuple(ys)), []).append(name)
+    return {" = ".join(names): (list(xs), list(ys)) for (xs, ys), names in merged.items()}
+
+
 def plot_series(title: str, series: dict[str, tuple[list[float], list[float]]], shared_axes: bool,
                 xlabel: str = "step") -> str:
-    """An inline <img> with one line per series, on one axes or as small multiples."""
+    """An inline <img> with one line per series, on one axes (distinct styles, a legend beside it, identical
+    series merged) or as small multiples."""
     # Figure + Agg canvas directly instead of pyplot: no global backend switch, no figure registry leak.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    if shared_axes:
+        series = merge_identical_series(series)
     n_axes = 1 if shared_axes else len(series)
     columns = min(3, n_axes)
     rows = math.ceil(n_axes / columns)
-    fig = Figure(figsize=(4.2 * columns if n_axes > 1 else 8, 3.0 * rows), layout="constrained")
+    fig = Figure(figsize=(4.2 * columns if n_axes > 1 else 9, 3.0 * rows if n_axes > 1 else 3.6),
+                 layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
     for index, (name, (xs, ys)) in enumerate(series.items()):
         ax = axes[0 if shared_axes else index]
-        ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=name)
-        if not shared_axes:
+        if shared_axes:
+            dash, marker = LINE_STYLES[index % len(LINE_STYLES)]
+            ax.plot(xs, ys, linestyle=dash, marker=marker, markersize=4, markevery=max(1, len(xs) // 25),
+                    linewidth=1.5, label=name)
+        else:
+            ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=name)
             ax.set_title(name, fontsize=9)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     if shared_axes:
-        axes[0].legend(fontsize=8)
+        axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         axes[0].set_title(title)
     else:
         fig.suptitle(title)
@@ -228,34 +252,107 @@ def training_curves_section(records: Sequence[dict]) -> str:
     return "<h2>Training curves</h2>" + "".join(figures)
 
 
+# What an evaluation was asked to do rather than what it measured: listed apart, without a delta.
+SETTING_KEYS = frozenset({"n_questions", "k", "temperature", "top_p", "max_new_tokens", "seed", "template",
+                          "force_think", "stop_strings", "world_size", "init", "examples"})
+# Rates where a rise is a regression; every other metric not named in _HIGHER_IS_BETTER has no direction
+# (a longer response is neither better nor worse), so its delta is not coloured.
+_LOWER_IS_BETTER = frozenset({"mixed_language_rate", "truncated_rate"})
+_HIGHER_IS_BETTER = frozenset({"format_rate", "mean_score", "answered_rate"})
+
+
+def is_timing_key(key: str) -> bool:
+    """Wall-clock time and throughput: they depend on the machine and its load, not on the model."""
+    k = key.lower()
+    return k.endswith(("seconds", "_per_second", "per_s", "/s")) or k.startswith("time")
+
+
+def summary_key_kind(key: str) -> str:
+    """"setting", "timing" or "metric" (a measured result of the model)."""
+    return "setting" if key in SETTING_KEYS else "timing" if is_timing_key(key) else "metric"
+
+
+def metric_direction(key: str) -> int:
+    """+1 when a higher value is better, -1 when lower is, 0 when neither (the delta is shown uncoloured)."""
+    k = key.lower()
+    if k in _LOWER_IS_BETTER:
+        return -1
+    if k in _HIGHER_IS_BETTER or k.startswith(("pass@", "cons@", "reward")) or "accuracy" in k:
+        return 1
+    return 0
+
+
+def _delta_cell(key: str, before, after) -> str:
+    if not (_is_number(after) and _is_number(before)):
+        return "<td></td>"
+    delta = after - before
+    better = metric_direction(key) * (delta > 0) - metric_direction(key) * (delta < 0)
+    css = " pos" if better > 0 else " neg" if better < 0 else ""
+    return f'<td class="num{css}">{"+" if delta > 0 else ""}{_fmt(delta)}</td>'
+
+
+def _before_after(before: dict, after: dict) -> str:
+    keys = list(before) + [k for k in after if k not in before]
+    parts = []
+    metrics = [k for k in keys if summary_key_kind(k) == "metric"]
+    if metrics:
+        rows = [[f"<td>{html.escape(str(k))}</td>", _num_cell(before.get(k, "")), _num_cell(after.get(k, "")),
+                 _delta_cell(k, before.get(k), after.get(k))] for k in metrics]
+        parts.append("<h3>Before and after</h3>" + _table(["metric", "before", "after", "delta"], rows)
+                     + '<p class="note">delta: green where the change is an improvement, red where it is a '
+                       "regression, plain where the metric has no better direction.</p>")
+    for kind, title in (("setting", "Evaluation settings"), ("timing", "Evaluation time")):
+        chosen = [k for k in keys if summary_key_kind(k) == kind]
+        if chosen:
+            rows = [[f"<td>{html.escape(str(k))}</td>", _num_cell(before.get(k, "")), _num_cell(after.get(k, ""))]
+                    for k in chosen]
+            parts.append(f"<h3>{title}</h3>" + _table([kind, "before", "after"], rows))
+    return "".join(parts)
+
+
+def _grid(title: str, label: str, runs: dict) -> str:
+    """One row per stage or benchmark: their metrics in one table, their settings and times in another."""
+    keys: list[str] = []
+    for values in runs.values():
+        keys += [k for k in (values if isinstance(values, dict) else {}) if k not in keys]
+    parts = []
+    for heading, chosen in ((title, [k for k in keys if summary_key_kind(k) == "metric"]),
+                            (f"{title}: settings and time", [k for k in keys if summary_key_kind(k) != "metric"])):
+        if not chosen:
+            continue
+        rows = [[f"<td>{html.escape(str(name))}</td>"]
+                + [_num_cell(values.get(k, "")) if isinstance(values, dict) else "<td></td>" for k in chosen]
+                for name, values in runs.items()]
+        parts.append(f"<h3>{html.escape(heading)}</h3>" + _table([label, *map(str, chosen)], rows))
+    return "".join(parts)
+
+
+def _value_cell(value) -> str:
+    if isinstance(value, list) and value and all(_is_number(v) for v in value):
+        return f'<td class="num">{" + ".join(_fmt(v) for v in value)}</td>'  # seconds_parts: one per invocation
+    return _num_cell(value)
+
+
 def summary_section(summary: dict) -> str:
     parts = []
     before, after = summary.get("before"), summary.get("after")
     if isinstance(before, dict) or isinstance(after, dict):
-        before, after = before or {}, after or {}
-        rows = []
-        for key in list(before) + [k for k in after if k not in before]:
-            b, a = before.get(key, ""), after.get(key, "")
-            delta = a - b if _is_number(a) and _is_number(b) else None
-            css = "" if delta is None or delta == 0 else ' pos' if delta > 0 else ' neg'
-            delta_cell = f'<td class="num{css}">{"+" if delta and delta > 0 else ""}{_fmt(delta)}</td>' \
-                if delta is not None else "<td></td>"
-            rows.append([f"<td>{html.escape(str(key))}</td>", _num_cell(b), _num_cell(a), delta_cell])
-        parts.append("<h3>Before and after</h3>" + _table(["metric", "before", "after", "delta"], rows))
-    stages = summary.get("stages")
-    if isinstance(stages, dict) and stages:
-        metrics = []
-        for values in stages.values():
-            metrics += [m for m in (values if isinstance(values, dict) else {}) if m not in metrics]
-        rows = [[f"<td>{html.escape(str(name))}</td>"]
-                + [_num_cell(values.get(m, "")) if isinstance(values, dict) else "<td></td>" for m in metrics]
-                for name, values in stages.items()]
-        parts.append("<h3>Stages</h3>" + _table(["stage", *map(str, metrics)], rows))
-    scalars = {k: v for k, v in summary.items() if k not in ("before", "after", "stages")
-               and not isinstance(v, (dict, list))}
+        parts.append(_before_after(before if isinstance(before, dict) else {},
+                                   after if isinstance(after, dict) else {}))
+    grids = {"stages": ("Stages", "stage"), "benchmarks": ("Benchmarks", "benchmark")}
+    for key, (title, label) in grids.items():
+        if isinstance(summary.get(key), dict) and summary[key]:
+            parts.append(_grid(title, label, summary[key]))
+    benchmarks = summary.get("benchmarks") if isinstance(summary.get("benchmarks"), dict) else {}
+    scalars = {k: v for k, v in summary.items() if k not in ("before", "after", *grids)
+               and not isinstance(v, dict) and (not isinstance(v, list) or k == "seconds_parts")
+               and k.partition("/")[0] not in benchmarks}  # "<bench>/<metric>" repeats the benchmarks table
     if scalars:
-        parts.append(_table(["key", "value"], [[f"<td>{html.escape(k)}</td>", _num_cell(v)]
-                                               for k, v in scalars.items()]))
+        parts.append("<h3>Run</h3>" + _table(["key", "value"], [[f"<td>{html.escape(k)}</td>", _value_cell(v)]
+                                                                 for k, v in scalars.items()]))
+        if "seconds_parts" in scalars:
+            parts.append('<p class="note">seconds: wall-clock time of the whole run; seconds_parts: of each '
+                         "invocation (the first run and every --resume).</p>")
     return "<h2>Summary</h2>" + "".join(parts) if parts else ""
 
 
