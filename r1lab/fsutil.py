@@ -4,10 +4,13 @@ through these."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 
 def fsync_dir(path: Path) -> None:
@@ -68,6 +71,40 @@ def replace_dir(tmp: Path, final: Path) -> None:
     else:
         os.replace(tmp, final)
     fsync_dir(final.parent)
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | Path, *, shared: bool = True) -> Iterator[Path]:
+    """`with staged_dir(final) as tmp:` write a folder's files into tmp (a fresh hidden folder beside final);
+    when the block ends without an error, tmp becomes final (replace_dir: readers see the old folder or the
+    whole new one); after an error tmp is deleted and final is untouched. shared: make the folder and its
+    files world-readable (mkdtemp makes them private; a model folder is meant to be read like any other)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        if shared:
+            tmp.chmod(0o755)
+            for f in tmp.iterdir():
+                if f.is_file():
+                    f.chmod(0o644)
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_json_object(path: str | Path, error: type[Exception]) -> dict:
+    """A JSON file that must hold an object; anything else raises `error` naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: invalid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def recover_replaced_dirs(parent: Path) -> None:

@@ -31,6 +31,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from r1lab.errors import InputError
+from r1lab.fsutil import read_json_object
 
 EOS_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -387,12 +388,4 @@ def _pick_chat_template(value: Any) -> str | None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise InputError(f"{path} must hold a JSON object")
-    return data
+    return read_json_object(path, InputError) if path.is_file() else {}

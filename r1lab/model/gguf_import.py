@@ -286,7 +286,7 @@ def import_gguf(source: str, out_dir: str | Path, dtype: str = "bfloat16", shard
     import torch
     from gguf import GGUFReader
 
-    from r1lab.fsutil import replace_dir
+    from r1lab.fsutil import staged_dir
 
     if dtype not in ("bfloat16", "float32", "float16"):
         raise GGUFError(f"dtype must be bfloat16, float32 or float16, got {dtype!r}")
@@ -306,20 +306,11 @@ def import_gguf(source: str, out_dir: str | Path, dtype: str = "bfloat16", shard
         arch, args = _model_args(reader, gguf, tensors, dtype)
         progress(f"{gguf.name}: {arch}, {args.num_hidden_layers} layers x {args.hidden_size}, "
                  f"{len(tensors)} tensors", force=True)
-        staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-        try:
+        with staged_dir(out_dir) as staging:
             (staging / "config.json").write_text(json.dumps(args.to_hf_config(), indent=2, sort_keys=True))
             _write_weights(list(tensors.values()), args, arch, staging, getattr(torch, dtype), progress, shard_bytes)
             progress("converting the tokenizer", force=True)
             _write_tokenizer(gguf, reader, arch, staging)
             del reader
-            # mkdtemp makes a private folder and safetensors private files; a model is meant to be shared
-            staging.chmod(0o755)
-            for f in staging.iterdir():
-                f.chmod(0o644)
-            replace_dir(staging, out_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     progress(f"wrote {out_dir}", force=True)
     return out_dir

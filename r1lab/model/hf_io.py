@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from r1lab.fsutil import replace_dir
+from r1lab.fsutil import read_json_object, staged_dir
 
 from ..errors import InputError
 from .config import ConfigError, ModelArgs
@@ -44,13 +41,7 @@ def _read_config_json(path: Path) -> dict:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{path}: no config.json (expected a Hugging Face model folder)")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{cfg_file}: invalid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
-    return cfg
+    return read_json_object(cfg_file, ConfigError)
 
 
 def read_config(path: str | Path) -> ModelArgs:
@@ -338,21 +329,11 @@ def save(model: Transformer, path: str | Path, max_shard_bytes: int = 5 * 2**30,
     dtype = next(iter(model.parameters())).dtype
     config = model.args.to_hf_config()
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with staged_dir(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         _write_shards(state, tmp, max_shard_bytes)
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
-        # mkdtemp makes a private dir; a checkpoint is meant to be shared and read like any HF folder.
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from r1lab.distributed import DistInfo, barrier
-from r1lab.fsutil import atomic_write_text, fsync_tree, recover_replaced_dirs, replace_dir
+from r1lab.fsutil import atomic_write_text, fsync_tree, recover_replaced_dirs, replace_dir, staged_dir
 from r1lab.model.hf_io import empty_model, load_state
 from r1lab.model.hf_io import save as save_model
 from r1lab.train.parallel import is_sharded
@@ -235,19 +235,12 @@ def publish_checkpoint_model(checkpoint: str | Path, path: str | Path, info: Dis
 
     path = Path(path)
     if info is None or info.is_main:
-        source = Path(checkpoint) / "model"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            for f in source.iterdir():
+        with staged_dir(path, shared=False) as tmp:  # links keep the checkpoint files' modes
+            for f in (Path(checkpoint) / "model").iterdir():
                 try:
                     os.link(f, tmp / f.name)
                 except OSError:
                     shutil.copy2(f, tmp / f.name)
-            replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     if info is not None:
         barrier(info)
     return path

@@ -564,8 +564,10 @@ def train_grpo(cfg: GRPOConfig, run_dir: RunDir, model, tokenizer, *, resume: bo
     torch.manual_seed(cfg.seed)
     trainer = Trainer(cfg, model, tokenizer, run_dir, reward_models=reward_models, dist=dist)
     main = trainer.dist.is_main  # rank 0 alone writes logs (checkpoint saves are collective)
-    if resume and trainer.resume() and main:
-        trainer.run_dir = run_dir = RunDir(run_dir.path, resume_step=trainer.step_index - 1)  # drop logs past it
+    if resume:
+        trainer.resume()  # no checkpoint yet: the run starts over at step 0
+        if main:  # either way, lines logged past the step it continues from are dropped
+            trainer.run_dir = run_dir = RunDir(run_dir.path, resume_step=trainer.step_index - 1)
     while trainer.step_index < cfg.steps:
         step = trainer.step_index
         metrics = trainer.step()

@@ -20,11 +20,8 @@ Saved form: an HF model folder of the body (so any HF tool can read the trunk) p
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +34,7 @@ from torch import nn
 
 import r1lab.model as rm
 from r1lab.config import check_ranges
+from r1lab.fsutil import staged_dir
 from r1lab.tasks.corpus import generate_cold_start
 from r1lab.tokenizer import Tokenizer, load_tokenizer
 from r1lab import distributed as D
@@ -123,10 +121,8 @@ class RewardModelNet(nn.Module):
         scoring: how texts were encoded in training ({template, separator, max_len}); LearnedReward.load
         uses it as its defaults so inference reads sequences the way training did."""
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
-            staged = rm.save(self.body, tmp / "staged")
+        with staged_dir(folder) as staged:
+            rm.save(self.body, staged)  # a staged body inside the staged folder: replaced into place
             head = {k: v.detach().to("cpu").contiguous() for k, v in self.head.state_dict().items()}
             save_file(head, str(staged / HEAD_FILE), metadata={"format": "pt"})
             (staged / HEAD_CONFIG).write_text(json.dumps(
@@ -135,11 +131,6 @@ class RewardModelNet(nn.Module):
                  "scoring": dict(scoring or {})}, indent=2) + "\n")
             if tokenizer is not None:
                 tokenizer.save(staged)
-            if folder.exists():  # move the old folder aside first: a reader sees old or new, never a mix
-                os.replace(folder, tmp / "old")
-            os.replace(staged, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return folder
 
     @classmethod
