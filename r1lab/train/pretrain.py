@@ -24,13 +24,13 @@ from r1lab import distributed as D
 from r1lab.run_dir import RunDir
 from r1lab.train.checkpoint import save_model_folder
 from r1lab.train.logprobs import logprobs_from_hidden, mtp_loss_sums
-from r1lab.train.optim import adamw, warmup_cosine_lr
+from r1lab.train.optim import ScheduleConfig, adamw
 from r1lab.train.parallel import shard_model
 from r1lab.train.step import train_step
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(ScheduleConfig):
     model: dict = field(default_factory=lambda: dict(rm.PRESETS["r1-tiny"]))
     """ModelArgs fields (vocab_size is set from the trained tokenizer)."""
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -46,29 +46,17 @@ class PretrainConfig:
     steps: int = 1500
     """Optimizer steps."""
     lr: float = 3e-3
-    """Peak learning rate."""
-    min_lr_ratio: float = 0.1
-    """Cosine floor as a fraction of the peak."""
     warmup_steps: int = 100
-    """Linear warmup steps."""
-    weight_decay: float = 0.1
-    """AdamW weight decay (V3: 0.1)."""
-    grad_clip: float = 1.0
-    """Max global grad norm."""
-    mtp_weight: float = 0.3
-    """λ of the MTP loss (V3: 0.3 early in training)."""
-    router_bias_gamma: float = 1e-3
-    """Aux-loss-free bias update speed γ."""
-    seed: int = 0
-    device: str = "cpu"
+    weight_decay: float = 0.1  # V3: 0.1
     dtype: str = "float32"
     """float32, or bfloat16 (autocast matmuls over fp32 master weights; CUDA only)."""
     log_every: int = 50
+    mtp_weight: float = 0.3
+    """λ of the MTP loss (V3: 0.3 early in training)."""
 
     def __post_init__(self) -> None:
-        check_ranges(self, at_least={"n_docs": 1, "seq_len": 2, "batch_size": 1, "steps": 1, "warmup_steps": 0,
-                                     "log_every": 1, "min_lr_ratio": 0, "weight_decay": 0, "mtp_weight": 0},
-                     positive=("lr", "grad_clip"))
+        super().__post_init__()
+        check_ranges(self, at_least={"n_docs": 1, "seq_len": 2, "batch_size": 1, "steps": 1, "mtp_weight": 0})
 
 
 def build_tokenizer(cfg: PretrainConfig) -> Tokenizer:
@@ -85,10 +73,6 @@ def pack_rows(docs: list[str], tok: Tokenizer, seq_len: int, seed: int) -> torch
     n = (len(stream) - 1) // seq_len
     data = torch.tensor(stream[: n * seq_len + 1])
     return torch.stack([data[i * seq_len : (i + 1) * seq_len + 1] for i in range(n)])
-
-
-def lr_at(step: int, cfg: PretrainConfig) -> float:
-    return warmup_cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
 
 
 def pretrain(cfg: PretrainConfig, run_dir: RunDir, log=print, dist: D.DistInfo | None = None) -> Path:
@@ -140,7 +124,7 @@ def pretrain(cfg: PretrainConfig, run_dir: RunDir, log=print, dist: D.DistInfo |
         if info.is_distributed:
             picks = picks[slice(*D.share_bounds(cfg.batch_size, info))]
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = cfg.lr_at(step, cfg.steps)
         batches = [rows[picks].to(device)] if len(picks) else []  # fewer rows than ranks: padding passes only
         result = train_step(model, opt, batches, loss_fn, counts=lambda b: {"rows": len(b)}, normalizers=("rows",),
                             info=info, grad_clip=cfg.grad_clip, router_bias_gamma=cfg.router_bias_gamma,
@@ -150,9 +134,9 @@ def pretrain(cfg: PretrainConfig, run_dir: RunDir, log=print, dist: D.DistInfo |
             if info.is_distributed:  # mean over all rows of the global batch
                 loss_value = D.sum_across_ranks(loss_value * len(picks), info) / cfg.batch_size
             if main:
-                run_dir.log_metrics(step, {"loss": loss_value, "grad_norm": result.grad_norm, "lr": lr_at(step, cfg),
+                run_dir.log_metrics(step, {"loss": loss_value, "grad_norm": result.grad_norm, "lr": cfg.lr_at(step, cfg.steps),
                                            "expert_load_max_over_mean": result.expert_balance or 0.0})
-            log(f"step {step:5d}  loss {loss_value:.3f}  grad_norm {result.grad_norm:.2f}  lr {lr_at(step, cfg):.2e}  "
+            log(f"step {step:5d}  loss {loss_value:.3f}  grad_norm {result.grad_norm:.2f}  lr {cfg.lr_at(step, cfg.steps):.2e}  "
                 f"{time.time() - t0:.0f}s")
     model.eval()
     run_dir.close()

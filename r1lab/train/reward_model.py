@@ -41,7 +41,7 @@ from r1lab import distributed as D
 from r1lab.run_dir import RunDir
 from r1lab.train.batching import pack_sequences
 from r1lab.train.checkpoint import load_latest_checkpoint, restore, save_checkpoint
-from r1lab.train.optim import adamw, warmup_cosine_lr
+from r1lab.train.optim import ResumableScheduleConfig, adamw
 from r1lab.train.sft import encode_example, load_records, model_for_training
 from r1lab.train.step import train_step
 
@@ -267,7 +267,7 @@ def make_preference_pairs(n: int, seed: int = 0, kinds: Sequence[str] = PREFEREN
 
 # ----------------------------------------------------------------------------------------- trainer
 @dataclass
-class RewardModelConfig:
+class RewardModelConfig(ResumableScheduleConfig):
     model: str = "tiny-dense"
     """Initial weights: an HF folder (R1 puts the head on its SFT/RL model) or a preset name (fresh)."""
     tokenizer: str | None = None
@@ -288,44 +288,17 @@ class RewardModelConfig:
     """Passes over the training pairs (R1: 1 epoch)."""
     pairs_per_step: int = 32
     """Preference pairs per optimizer step."""
-    lr: float = 1e-4
-    """Peak learning rate (R1's helpful RM: 6e-6 at batch 256 on a large model)."""
-    min_lr_ratio: float = 0.1
-    """Cosine floor as a fraction of the peak."""
-    warmup_steps: int = 10
-    """Linear warmup steps."""
-    weight_decay: float = 0.0
-    """AdamW weight decay on matrices."""
-    grad_clip: float = 1.0
-    """Max global grad norm (0 disables)."""
-    router_bias_gamma: float = 1e-3
-    """Aux-loss-free MoE bias update speed γ of an MoE body, after every optimizer step (0 freezes routing)."""
     max_len: int = 512
     """Longest prompt + response in tokens; longer ones keep their last max_len tokens."""
     micro_batch_tokens: int = 8192
     """Tokens per packed forward."""
     eval_every: int = 50
     """Held-out evaluation every this many steps (and at the start and end)."""
-    seed: int = 0
-    """Seeds the data split and order and fresh weights."""
-    device: str = "cpu"
-    """Torch device."""
-    dtype: str = "float32"
-    """Parameter dtype."""
-    save_every: int = 100
-    """Checkpoint every this many steps (and at the end); 0 = only at the end."""
-    keep_checkpoints: int = 2
-    """Checkpoints kept on disk."""
-    log_every: int = 1
-    """Write training metrics every this many steps."""
-    resume: bool = True
-    """Continue from the run directory's latest checkpoint when there is one."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_ranges(self, at_least={"synthetic_pairs": 2, "eval_fraction": 0, "epochs": 1, "pairs_per_step": 1,
-                                     "warmup_steps": 0, "weight_decay": 0, "min_lr_ratio": 0, "max_len": 2,
-                                     "micro_batch_tokens": 1, "eval_every": 1, "save_every": 0,
-                                     "keep_checkpoints": 1, "log_every": 1}, positive=("lr", "grad_clip"))
+                                     "max_len": 2, "micro_batch_tokens": 1, "eval_every": 1})
         if self.eval_fraction >= 1:
             raise ValueError(f"eval_fraction must be < 1 (the rest trains), got {self.eval_fraction}")
 
@@ -442,7 +415,7 @@ def train_reward_model(cfg: RewardModelConfig, run_dir: RunDir | str | Path, *, 
         epoch, within = divmod(step, steps_per_epoch)
         order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(cfg.seed * 1009 + epoch + 1))
         members = order[within * cfg.pairs_per_step : (within + 1) * cfg.pairs_per_step].tolist()
-        lr = warmup_cosine_lr(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        lr = cfg.lr_at(step, total_steps)
         for group in opt.param_groups:
             group["lr"] = lr
         metrics = _train_step(net, opt, members, tr_chosen, tr_rejected, cfg, info)

@@ -37,13 +37,13 @@ from r1lab.train.checkpoint import (
     save_checkpoint,
 )
 from r1lab.train.logprobs import logprobs_from_hidden, mtp_loss_sums
-from r1lab.train.optim import adamw, warmup_cosine_lr
+from r1lab.train.optim import ResumableScheduleConfig, adamw
 from r1lab.train.parallel import shard_model
 from r1lab.train.step import train_step
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(ResumableScheduleConfig):
     model: str = "tiny-dense"
     """HF model folder to fine-tune, or a preset name (fresh weights, vocabulary sized to the tokenizer)."""
     tokenizer: str | None = None
@@ -58,16 +58,7 @@ class SFTConfig:
     there (r1lab's corpus writes 'Assistant: <think>...'; a chat-rendered prompt ends in a newline)."""
     epochs: int = 2
     """Passes over the data (R1 stage 3: 2 epochs)."""
-    lr: float = 1e-4
-    """Peak learning rate."""
-    min_lr_ratio: float = 0.1
-    """Cosine floor as a fraction of the peak."""
-    warmup_steps: int = 10
-    """Linear warmup steps."""
     weight_decay: float = 0.1
-    """AdamW weight decay on matrices (not on norms, biases or embeddings)."""
-    grad_clip: float = 1.0
-    """Max global grad norm (0 disables clipping)."""
     micro_batch_tokens: int = 4096
     """Token budget of one packed forward (one row); must cover max_len."""
     tokens_per_step: int = 16384
@@ -79,36 +70,19 @@ class SFTConfig:
     is always dropped)."""
     mtp_weight: float = 0.1
     """Weight of the multi-token-prediction loss when the model has MTP modules (0 disables)."""
-    router_bias_gamma: float = 1e-3
-    """Aux-loss-free MoE bias update speed γ, applied after every optimizer step (0 disables)."""
     chunk_size: int = 1024
     """Tokens per chunk of the output head (bounds the memory of the logits)."""
-    seed: int = 0
-    """Seeds the data order (and fresh weights for a preset model)."""
-    device: str = "cpu"
-    """Torch device for training."""
-    dtype: str = "float32"
-    """Parameter dtype ('float32' or 'bfloat16')."""
     gradient_checkpointing: bool = False
     """Recompute each block's activations in the backward (less memory, ~1/3 more compute)."""
-    save_every: int = 100
-    """Checkpoint every this many optimizer steps (and at the end); 0 = only at the end."""
-    keep_checkpoints: int = 2
-    """Checkpoints kept on disk (the newest ones)."""
-    log_every: int = 1
-    """Write metrics every this many steps (and at the last step)."""
-    resume: bool = True
-    """Continue from the run directory's latest checkpoint when there is one."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.template not in ("raw", "chat"):
             raise ConfigError(f"template must be 'raw' or 'chat', got {self.template!r}")
         if self.overlong not in ("drop", "truncate"):
             raise ConfigError(f"overlong must be 'drop' or 'truncate', got {self.overlong!r}")
-        check_ranges(self, at_least={"epochs": 1, "tokens_per_step": 1, "max_len": 2, "warmup_steps": 0,
-                                     "weight_decay": 0, "min_lr_ratio": 0, "mtp_weight": 0, "chunk_size": 1,
-                                     "save_every": 0, "keep_checkpoints": 1, "log_every": 1},
-                     positive=("lr", "grad_clip"))
+        check_ranges(self, at_least={"epochs": 1, "tokens_per_step": 1, "max_len": 2, "mtp_weight": 0,
+                                     "chunk_size": 1})
         if self.micro_batch_tokens < self.max_len:
             raise ConfigError(f"micro_batch_tokens={self.micro_batch_tokens} must be >= max_len={self.max_len}")
 
@@ -375,7 +349,7 @@ def train_sft(cfg: SFTConfig, run_dir: RunDir | str | Path, model=None, tokenize
     for step in range(start, total_steps):
         t0 = time.time()
         epoch, members = plan[step]
-        lr = warmup_cosine_lr(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        lr = cfg.lr_at(step, total_steps)
         for group in opt.param_groups:
             group["lr"] = lr
         mine = D.rank_share(members, info) if info.is_distributed else members
