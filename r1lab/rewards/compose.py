@@ -21,19 +21,6 @@ from .formatting import format_reward
 from .language import language_consistency_reward
 from .length import overlong_penalty
 
-__all__ = [
-    "BoundedReward",
-    "ComposedReward",
-    "RewardModel",
-    "RewardSpec",
-    "RewardTerm",
-    "available_rewards",
-    "compose_rewards",
-    "get_reward",
-    "register_reward",
-    "score_against_gold",
-    "score_batch",
-]
 
 RewardFn = Callable[..., float]
 

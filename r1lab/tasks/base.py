@@ -16,19 +16,6 @@ from ..rewards.compose import score_against_gold
 from ..rewards.extract import extract_answer
 from .templates import MATH_INSTRUCTION, forced_think_prefix, render_prompt
 
-__all__ = [
-    "ChoiceScorer",
-    "CodeTestScorer",
-    "MathScorer",
-    "Problem",
-    "Prompt",
-    "Scorer",
-    "Task",
-    "as_task",
-    "TaskDataError",
-    "holdout_bucket",
-    "select_split",
-]
 
 
 class TaskDataError(InputError):

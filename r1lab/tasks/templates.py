@@ -5,15 +5,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-__all__ = [
-    "CODE_INSTRUCTION",
-    "MATH_INSTRUCTION",
-    "R1_ZERO_TEMPLATE",
-    "chat_prompt",
-    "forced_think_prefix",
-    "r1_zero_prompt",
-    "render_prompt",
-]
 
 # DeepSeek-R1 paper, Table 1. Generation starts right after "Assistant:".
 R1_ZERO_TEMPLATE = (

@@ -178,14 +178,11 @@ def restore(path: str | Path, model, optimizer: torch.optim.Optimizer | None = N
         raise RuntimeError(f"{path / STATE_FILE}: cannot load trainer state ({e})") from e
     p = next(iter(model.parameters()))
     load_state(path / "model", model.args, model, p.device, p.dtype)
-    if optimizer is not None:
-        if state["optimizer"] is None:
-            raise ValueError(f"{path}: checkpoint has no optimizer state")
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        if state["scheduler"] is None:
-            raise ValueError(f"{path}: checkpoint has no scheduler state")
-        scheduler.load_state_dict(state["scheduler"])
+    for key, target in (("optimizer", optimizer), ("scheduler", scheduler)):
+        if target is not None:
+            if state[key] is None:
+                raise ValueError(f"{path}: checkpoint has no {key} state")
+            target.load_state_dict(state[key])
     if restore_rng:
         set_rng_state(state["rng"])
     return {**state["extra"], "step": state["step"]}
