@@ -30,13 +30,23 @@ INSTRUCTION = ("Think step by step inside <think> </think> tags, then give only 
 STOP = "</answer>"
 
 
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_gib(device: str) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+
+
 def _config(a, steps: int):
     from r1lab.train.grpo import GRPOConfig, TaskConfig
 
     return GRPOConfig(task=TaskConfig(name=a.task, train_size=4000, test_size=100, template="chat",
                                       instruction=INSTRUCTION, options={"holdout_fraction": a.holdout}),
-                      stop_strings=[STOP], prompts_per_step=32, group_size=8, max_new_tokens=384, lr=3e-6,
-                      warmup_steps=1, steps=steps, micro_batch_tokens=32768, device="cuda", dtype="float32")
+                      stop_strings=[STOP], prompts_per_step=a.prompts, group_size=8, max_new_tokens=a.max_new_tokens, lr=3e-6,
+                      warmup_steps=1, steps=steps, micro_batch_tokens=8192, gradient_checkpointing=True,
+                      device=a.device, dtype="float32")
 
 
 def bench_r1lab(a) -> dict:
@@ -44,22 +54,23 @@ def bench_r1lab(a) -> dict:
     from r1lab.run_dir import RunDir
     from r1lab.train.grpo import Trainer
 
-    model, tok = load_model_and_tokenizer(a.model, device="cuda", dtype="float32")
+    model, tok = load_model_and_tokenizer(a.model, device=a.device, dtype="float32")
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(_config(a, a.steps), model, tok, RunDir(tmp))
         times, rewards = [], []
         for _ in range(a.steps):
-            torch.cuda.synchronize()
+            _sync(a.device)
             t0 = time.perf_counter()
             m = trainer.step()
-            torch.cuda.synchronize()
+            _sync(a.device)
             times.append(time.perf_counter() - t0)
             rewards.append(m["reward"])
             print(f"  r1lab step {len(times)}: {times[-1]:.2f}s (rollout {m['time/rollout']:.2f}s, train "
                   f"{m['time/training']:.2f}s) reward {m['reward']:.3f} len {m['response_length']:.0f}", flush=True)
     del trainer, model
-    torch.cuda.empty_cache()
-    return {"step_s": times, "reward": rewards, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    if a.device == "cuda":
+        torch.cuda.empty_cache()
+    return {"step_s": times, "reward": rewards, "peak_gib": _peak_gib(a.device)}
 
 
 def bench_trl(a) -> dict:
@@ -72,7 +83,7 @@ def bench_trl(a) -> dict:
     task = _config(a, a.steps).task.load("train")
     by_question = {p.question: p for p in task.problems}
     rows = [{"prompt": [{"role": "user", "content": f"{p.question}\n{INSTRUCTION}"}], "question": p.question}
-            for p in task.problems[: 32 * a.steps]]
+            for p in task.problems[: a.prompts * a.steps]]
     ds = datasets.Dataset.from_list(rows)
 
     def reward(completions, question, **_) -> list[float]:
@@ -89,11 +100,11 @@ def bench_trl(a) -> dict:
 
     class Timer(transformers.TrainerCallback):
         def on_step_begin(self, *args, **kwargs):
-            torch.cuda.synchronize()
+            _sync(a.device)
             self.t0 = time.perf_counter()
 
         def on_step_end(self, *args, **kwargs):
-            torch.cuda.synchronize()
+            _sync(a.device)
             times.append(time.perf_counter() - self.t0)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -101,16 +112,21 @@ def bench_trl(a) -> dict:
                 rewards.append(logs["reward"])
                 print(f"  TRL step {len(times)}: {times[-1] if times else 0:.2f}s reward {logs['reward']:.3f}", flush=True)
 
-    torch.cuda.reset_peak_memory_stats()
+    if a.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:
-        args = GRPOConfig(output_dir=out, per_device_train_batch_size=256, num_generations=8,
-                          max_completion_length=384, max_steps=a.steps, learning_rate=3e-6, beta=0.0, bf16=True,
+        args = GRPOConfig(output_dir=out, per_device_train_batch_size=a.trl_micro_batch,
+                          gradient_accumulation_steps=8 * a.prompts // a.trl_micro_batch, num_generations=8,
+                          max_completion_length=a.max_new_tokens, max_steps=a.steps, learning_rate=3e-6, beta=0.0, bf16=a.device == "cuda",
+                          use_cpu=a.device == "cpu",
                           gradient_checkpointing=True, logging_steps=1, report_to=[], save_strategy="no", seed=0,
                           temperature=1.0, lr_scheduler_type="constant_with_warmup", warmup_steps=1)
         trainer = GRPOTrainer(model=a.model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
                               callbacks=[Timer()])
+        t0 = time.perf_counter()
         trainer.train()
-    return {"step_s": times, "reward": rewards, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        wall = time.perf_counter() - t0
+    return {"step_s": times, "reward": rewards, "train_wall_s": wall, "peak_gib": _peak_gib(a.device)}
 
 
 def main():
@@ -119,10 +135,16 @@ def main():
     p.add_argument("--task", default="jsonl:.whl/basic_arithmetic.jsonl")
     p.add_argument("--holdout", type=float, default=0.5)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--prompts", type=int, default=32, help="prompts per step (x 8 samples)")
+    p.add_argument("--max-new-tokens", type=int, default=384)
     p.add_argument("--skip-trl", action="store_true")
+    p.add_argument("--device", default="cuda", help="cpu: a smoke run of both sides on a small checkpoint")
+    p.add_argument("--trl-micro-batch", type=int, default=32,
+                   help="TRL's per-device batch; 8 x prompts / it accumulation steps make one optimizer step per rollout")
     p.add_argument("--out", default="grpo_real.json")
     a = p.parse_args()
-    result = {"gpu": torch.cuda.get_device_name(), "model": a.model, "r1lab": bench_r1lab(a)}
+    gpu = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
+    result = {"gpu": gpu, "model": a.model, "r1lab": bench_r1lab(a)}
     if not a.skip_trl:
         try:
             result["trl"] = bench_trl(a)
