@@ -42,7 +42,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-_EXTRA = "the HTTP server needs the 'serve' extra (fastapi, uvicorn): pip install 'r1lab[serve]'"
+_EXTRA = "the HTTP server needs fastapi and uvicorn (base dependencies of r1lab): pip install fastapi uvicorn"
 try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
