@@ -213,6 +213,17 @@ def test_judge_pool_kills_a_helper_that_overruns():
         pool.close()
 
 
+def test_judge_pool_does_not_count_a_new_helpers_start_up_against_the_request():
+    """Importing math-verify and sympy takes a new helper far longer than 0.3 s (more on a loaded machine);
+    a correct answer must not count as wrong because the helper was still starting."""
+    pool = JudgePool(max_processes=1, timeout_s=2, request_timeout_s=0.3)
+    try:
+        assert pool.judge("1/2", "0.5") is True
+        assert pool.judge("2", "3") is False
+    finally:
+        pool.close()
+
+
 # ----------------------------------------------------------------------------- format
 
 

@@ -27,6 +27,9 @@ _SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "math_judge.p
 _LAUNCH = ("import sys; del sys.path[0]; path = sys.argv[1]; sys.argv = sys.argv[1:]; "
            "import logging; logging.getLogger('math_verify').setLevel(logging.CRITICAL); "
            "import runpy; runpy.run_path(path, run_name='__main__')")
+# How long a new helper may take to import math-verify and sympy (seconds on an idle machine, far more on a
+# loaded one); it is not counted against the first request's own time bound.
+STARTUP_S = 300.0
 
 
 class _Helper:
@@ -41,15 +44,10 @@ class _Helper:
             stderr=self._stderr,
         )
         self._pending = b""
+        self.ready = False
         self.answered = 0
 
-    def ask(self, request: dict, wait_s: float) -> dict | None:
-        """Send one request; the reply, or None when the helper died or did not answer in time."""
-        try:
-            self.proc.stdin.write((json.dumps(request) + "\n").encode())
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            return None
+    def _read_line(self, wait_s: float) -> dict | None:
         deadline = time.monotonic() + wait_s
         fd = self.proc.stdout.fileno()
         while b"\n" not in self._pending:
@@ -61,8 +59,24 @@ class _Helper:
                 return None
             self._pending += chunk
         line, self._pending = self._pending.split(b"\n", 1)
-        self.answered += 1
         return json.loads(line)
+
+    def ask(self, request: dict, wait_s: float) -> dict | None:
+        """Send one request; the reply, or None when the helper died or did not answer within ``wait_s`` (a
+        new helper first gets STARTUP_S to be ready)."""
+        if not self.ready:
+            self.ready = self._read_line(STARTUP_S) == {"ready": True}
+            if not self.ready:
+                return None
+        try:
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return None
+        reply = self._read_line(wait_s)
+        if reply is not None:
+            self.answered += 1
+        return reply
 
     def error_output(self) -> str:
         self._stderr.seek(0)

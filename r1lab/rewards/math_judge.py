@@ -95,8 +95,15 @@ def serve(timeout_s: int) -> None:
     """Helper-process loop: one JSON request per line on stdin, one JSON reply per line on stdout.
 
     Request ``{"gold": str, "answer": str}``; reply ``{"equal": bool}`` or ``{"bad_gold": message}``.
-    Ends when stdin closes (the parent went away).
+    The first line out is ``{"ready": true}``, once the imports and a warm-up judgement are done, so that the
+    parent's per-request clock does not include start-up. Ends when stdin closes (the parent went away).
     """
+    try:  # the first judgement also loads math-verify's parsers lazily: do it before saying ready
+        judge("1/2", "0.5", timeout_s)
+    except Exception:  # noqa: BLE001 - a broken install shows on the first real request
+        pass
+    sys.stdout.write(json.dumps({"ready": True}) + "\n")
+    sys.stdout.flush()
     for line in sys.stdin:
         try:
             request = json.loads(line)
