@@ -166,3 +166,19 @@ def test_real_engine_smoke(tiny):
     assert 0.0 <= summary["pass@1"] <= 1.0
     with pytest.raises(ValueError, match="does not fit"):
         evaluate(model, tokenizer, problems, k=1, max_new_tokens=10_000, progress=False)
+
+
+def test_progress_without_a_terminal_is_plain_lines(tiny, scripted_generate):
+    """Writing to a file or pipe, rich's live bar shows nothing until the end; evaluate prints plain lines."""
+    import io
+
+    from rich.console import Console
+
+    model, tokenizer = tiny
+    out = io.StringIO()
+    evaluate(model, tokenizer, _problems(), k=4, max_new_tokens=16, progress=True, print_table=False,
+             console=Console(file=out, force_terminal=False), name="scripted")
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("eval scripted: 0/2 questions")
+    assert lines[-1].startswith("eval scripted: 2/2 questions")
+    assert "━" not in out.getvalue()  # no bar characters in a log

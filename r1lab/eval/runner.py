@@ -178,15 +178,27 @@ def evaluate(model: Any, tokenizer: Any, problems: Task | Sequence[Problem], *, 
     return summary, items
 
 
+PLAIN_EVERY_S = 10.0
+"""Without a terminal (a log file, a pipe), where rich's live bar prints nothing until it ends, progress is a
+plain flushed line at most this often."""
+
+
 class _progress_bar:
-    """A rich progress bar over questions (a no-op when disabled); yields advance(n)."""
+    """Progress over questions (a no-op when disabled); yields advance(n). A rich live bar on a terminal, plain
+    lines every PLAIN_EVERY_S seconds elsewhere."""
 
     def __init__(self, enabled: bool, console: Any, name: str, total: int) -> None:
         self.enabled, self.console, self.name, self.total = enabled, console, name, total
+        self.bar = None
 
     def __enter__(self) -> Callable[[int], None]:
         if not self.enabled:
             return lambda n: None
+        from rich.console import Console
+
+        self.console = self.console or Console()
+        if not (self.console.is_terminal and not self.console.is_dumb_terminal) and not self.console.is_jupyter:
+            return self._plain()
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -195,8 +207,27 @@ class _progress_bar:
         task = self.bar.add_task(f"eval {self.name}", total=self.total)
         return lambda n: self.bar.advance(task, n)
 
+    def _plain(self) -> Callable[[int], None]:
+        start = last = time.monotonic()
+        done = 0
+
+        def line() -> None:
+            self.console.print(f"eval {self.name}: {done}/{self.total} questions, {time.monotonic() - start:.0f} s",
+                               markup=False, highlight=False, soft_wrap=True)
+            self.console.file.flush()
+
+        def advance(n: int) -> None:
+            nonlocal done, last
+            done += n
+            if done >= self.total or time.monotonic() - last >= PLAIN_EVERY_S:
+                line()
+                last = time.monotonic()
+
+        line()
+        return advance
+
     def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
+        if self.bar is not None:
             self.bar.__exit__(*exc)
 
 

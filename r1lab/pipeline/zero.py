@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from r1lab import distributed as D
-from r1lab.eval.runner import EvalConfig, evaluate
+from r1lab.eval.runner import PLAIN_EVERY_S, EvalConfig, evaluate
 from r1lab.model import load_model_and_tokenizer
 from r1lab.run_dir import RunDir
 from r1lab.tasks import Task
@@ -34,7 +34,6 @@ class ZeroConfig:
 
 # the rows of the final table (the README's table), in its order
 REPORTED = ("pass@1", "cons@k", "response_length", "format_rate", "mixed_language_rate")
-PLAIN_EVERY_S = 10.0
 """Without a terminal (a log file, a pipe), a progress line at least this often while something runs."""
 SUMMARY_EVERY_S = 10.0
 """During GRPO summary.json's seconds are brought up to date at least this often (what a kill can lose)."""
