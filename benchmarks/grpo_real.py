@@ -44,8 +44,8 @@ def _config(a, steps: int):
 
     return GRPOConfig(task=TaskConfig(name=a.task, train_size=4000, test_size=100, template="chat",
                                       instruction=INSTRUCTION, options={"holdout_fraction": a.holdout}),
-                      stop_strings=[STOP], prompts_per_step=a.prompts, group_size=8, max_new_tokens=a.max_new_tokens, lr=3e-6,
-                      warmup_steps=1, steps=steps, micro_batch_tokens=8192, gradient_checkpointing=True,
+                      stop_strings=[STOP], prompts_per_step=a.prompts, group_size=8,
+                      max_new_tokens=a.max_new_tokens, lr=3e-6, warmup_steps=1, steps=steps, micro_batch_tokens=8192, gradient_checkpointing=True,
                       device=a.device, dtype="float32")
 
 
@@ -117,8 +117,8 @@ def bench_trl(a) -> dict:
     with tempfile.TemporaryDirectory() as out:
         args = GRPOConfig(output_dir=out, per_device_train_batch_size=a.trl_micro_batch,
                           gradient_accumulation_steps=8 * a.prompts // a.trl_micro_batch, num_generations=8,
-                          max_completion_length=a.max_new_tokens, max_steps=a.steps, learning_rate=3e-6, beta=0.0, bf16=a.device == "cuda",
-                          use_cpu=a.device == "cpu",
+                          max_completion_length=a.max_new_tokens, max_steps=a.steps, learning_rate=3e-6, beta=0.0,
+                          bf16=a.device == "cuda", use_cpu=a.device == "cpu",
                           gradient_checkpointing=True, logging_steps=1, report_to=[], save_strategy="no", seed=0,
                           temperature=1.0, lr_scheduler_type="constant_with_warmup", warmup_steps=1)
         trainer = GRPOTrainer(model=a.model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,

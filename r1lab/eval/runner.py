@@ -183,6 +183,11 @@ PLAIN_EVERY_S = 10.0
 plain flushed line at most this often."""
 
 
+def is_live_console(console: Any) -> bool:
+    """Whether rich's live displays show on ``console`` as they go (a terminal or a notebook)."""
+    return (console.is_terminal and not console.is_dumb_terminal) or console.is_jupyter
+
+
 class _progress_bar:
     """Progress over questions (a no-op when disabled); yields advance(n). A rich live bar on a terminal, plain
     lines every PLAIN_EVERY_S seconds elsewhere."""
@@ -197,7 +202,7 @@ class _progress_bar:
         from rich.console import Console
 
         self.console = self.console or Console()
-        if not (self.console.is_terminal and not self.console.is_dumb_terminal) and not self.console.is_jupyter:
+        if not is_live_console(self.console):
             return self._plain()
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

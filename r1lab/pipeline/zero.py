@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from r1lab import distributed as D
-from r1lab.eval.runner import PLAIN_EVERY_S, EvalConfig, evaluate
+from r1lab.eval.runner import PLAIN_EVERY_S, EvalConfig, evaluate, is_live_console
 from r1lab.model import load_model_and_tokenizer
 from r1lab.run_dir import RunDir
 from r1lab.tasks import Task
@@ -34,7 +34,6 @@ class ZeroConfig:
 
 # the rows of the final table (the README's table), in its order
 REPORTED = ("pass@1", "cons@k", "response_length", "format_rate", "mixed_language_rate")
-"""Without a terminal (a log file, a pipe), a progress line at least this often while something runs."""
 SUMMARY_EVERY_S = 10.0
 """During GRPO summary.json's seconds are brought up to date at least this often (what a kill can lose)."""
 
@@ -159,7 +158,7 @@ class _Progress:
         from rich.console import Console
 
         self.console = console or Console()
-        self.live = (self.console.is_terminal and not self.console.is_dumb_terminal) or self.console.is_jupyter
+        self.live = is_live_console(self.console)
         self.every_s = every_s
         self._bar = None
         self._last_line = None
