@@ -389,22 +389,21 @@ def main() -> None:
     except SystemExit as done:
         D.exit_after_teardown(done.code)  # torchrun ranks whose group was torn down cleanly end here
         raise
-    except (InputError, FileNotFoundError, SandboxUnavailable) as error:
-        if os.environ.get("R1LAB_TRACEBACK") == "1":
-            raise
+    except (InputError, FileNotFoundError, SandboxUnavailable, ImportError) as error:
         message = str(error)
         if isinstance(error, SandboxUnavailable):  # one line that says how to get the sandbox
             message = " ".join(line.strip() for line in message.splitlines() if line.strip())
             if "apt-get install bubblewrap" not in message:
                 message += " Install bubblewrap: apt-get install bubblewrap."
+        elif isinstance(error, ImportError):  # only an optional package this command needs: name its extra
+            install = _missing_optional(error)
+            if install is None:
+                raise
+            message = f"{message.splitlines()[0]}; install it with: {install}"
+        if os.environ.get("R1LAB_TRACEBACK") == "1":
+            raise
         rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"{rank}error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except ImportError as error:  # an optional package this command needs: say which extra installs it
-        install = _missing_optional(error)
-        if install is None or os.environ.get("R1LAB_TRACEBACK") == "1":
-            raise
-        print(f"error: {str(error).splitlines()[0]}; install it with: {install}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
