@@ -48,6 +48,13 @@ def test_retokenization_round_trips_across_tokenizers(teacher_tok, student_tok):
     chat = retemplate([{**records[0], "prompt": "teacher-specific"}], "chat", student_tok)
     assert chat[0]["prompt"].startswith("<|im_start|>user\n" + records[0]["question"])
     assert retemplate(records[:1], "r1_zero", student_tok)[0]["prompt"] == records[0]["prompt"]
+    # template None: the template each record was sampled with (an instruct teacher's default is chat), and
+    # the instruction the teacher was asked with carries over to the student's prompt
+    sampled = [{**records[0], "prompt": "teacher-specific", "source": {"template": "chat"}},
+               {**records[1], "source": {"template": "r1_zero"}}]
+    own = retemplate(sampled, None, student_tok, instruction="Answer in <answer> tags.")
+    assert own[0]["prompt"].startswith("<|im_start|>user\n" + records[0]["question"] + "\nAnswer in <answer> tags.")
+    assert own[1]["prompt"] == records[1]["prompt"]
 
 
 def _sft(**kw):

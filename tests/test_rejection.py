@@ -160,3 +160,14 @@ def test_run_rejection_command(tok, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["samples"] == 6 and len(read_jsonl(path)) == summary["kept"]
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "rejected.jsonl").is_file()
+
+
+def test_sampling_spec_poses_its_instruction_and_passes_its_stop_strings(monkeypatch):
+    spec = RejectionConfig(task="chain_sum", size=3, instruction="Answer in <answer> tags.", stop_strings=["</answer>"])
+    task = spec.load_task(seed=0)
+    assert len(task) == 3 and task.instruction == "Answer in <answer> tags."
+    assert RejectionConfig(task="chain_sum", size=3).load_task(seed=0).instruction != task.instruction
+    seen = {}
+    monkeypatch.setattr("r1lab.pipeline.rejection.rejection_sample", lambda *a, **kw: seen.update(kw))
+    spec.sample(None, None, task, seed=4, model_name="m")
+    assert seen["stop_strings"] == ["</answer>"] and seen["seed"] == 4 and seen["k"] == spec.k

@@ -22,7 +22,7 @@ import r1lab.model as rm
 from r1lab import distributed as D
 from r1lab.config import ConfigError
 from r1lab.fsutil import atomic_write_text
-from r1lab.pipeline.rejection import SamplingSpec, filter_records, rejection_sample, write_jsonl
+from r1lab.pipeline.rejection import SamplingSpec, filter_records, write_jsonl
 from r1lab.run_dir import RunDir, read_jsonl
 from r1lab.tokenizer import Tokenizer, load_tokenizer
 from r1lab.train.sft import SFTConfig, load_records, model_for_training, train_sft
@@ -67,18 +67,24 @@ class DistillResult:
     """Record counts, filter rejections, architectures, parameter counts and SFT losses."""
 
 
-def retemplate(records: Sequence[dict], template: str, tokenizer: Tokenizer) -> list[dict]:
-    """Chat prompts re-rendered with the student's chat template (from the question); other prompts are
-    plain text and stay as they are."""
-    if template != "chat":
-        return [dict(r) for r in records]
+def retemplate(records: Sequence[dict], template: str | None, tokenizer: Tokenizer,
+               instruction: str | None = None) -> list[dict]:
+    """Chat prompts re-rendered with the student's chat template (from the question, with `instruction`;
+    None: the math default); other prompts are plain text and stay as they are. template None: each record's
+    own (the template its source says it was sampled with, so an instruct teacher's chat turns are re-rendered
+    too)."""
     from r1lab.tasks import render_prompt
+    from r1lab.tasks.templates import MATH_INSTRUCTION
 
     out = []
     for r in records:
+        if (template or (r.get("source") or {}).get("template")) != "chat":
+            out.append(dict(r))
+            continue
         if not r.get("question"):
             raise ValueError("chat-template records need a 'question' to re-render the prompt for the student")
-        out.append({**r, "prompt": render_prompt("chat", r["question"], apply_chat_template=tokenizer.apply_chat_template)})
+        out.append({**r, "prompt": render_prompt("chat", r["question"], apply_chat_template=tokenizer.apply_chat_template,
+                                                 instruction=MATH_INSTRUCTION if instruction is None else instruction)})
     return out
 
 
@@ -99,20 +105,14 @@ def retokenization_stats(records: Sequence[dict], tokenizer: Tokenizer) -> dict[
 
 def _teacher_traces(cfg: DistillConfig, teacher, teacher_tokenizer, problems, log, info: D.DistInfo,
                     device: str) -> tuple[list[dict], dict]:
-    from r1lab.tasks import load_task
-
     if teacher is None:
         if not cfg.teacher:
             raise ConfigError("distill needs teacher records (records=...) or a teacher model (teacher=...)")
         teacher, teacher_tokenizer = rm.load_model_and_tokenizer(
             cfg.teacher, tokenizer=teacher_tokenizer or cfg.teacher_tokenizer, device=device, dtype=cfg.dtype)
     teacher_tokenizer = teacher_tokenizer or load_tokenizer(cfg.teacher_tokenizer or cfg.teacher)
-    if problems is None:
-        problems = load_task(cfg.task, split=cfg.split, size=cfg.size, seed=cfg.seed, **cfg.task_options)
-    result = rejection_sample(teacher, teacher_tokenizer, problems, k=cfg.k, temperature=cfg.temperature,
-                              top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, template=cfg.template,
-                              filters=cfg.filters, seed=cfg.seed,
-                              model_name=cfg.teacher or teacher.args.model_type, dist=info)
+    result = cfg.sample(teacher, teacher_tokenizer, cfg.load_task(cfg.seed) if problems is None else problems,
+                        seed=cfg.seed, model_name=cfg.teacher or teacher.args.model_type, dist=info)
     log("distill: teacher sampling " + ", ".join(f"{k} {v}" for k, v in result.stats.items()))
     teacher_info = {"teacher_model_type": teacher.args.model_type, "teacher_parameters": teacher.num_parameters()}
     return result.records, {**{f"sampling_{k}": v for k, v in result.stats.items()}, **teacher_info}
@@ -177,7 +177,7 @@ def distill(cfg: DistillConfig, run_dir: RunDir | str | Path, *, teacher_records
     student, student_tokenizer = model_for_training(
         cfg.student, None, seed=cfg.seed, device=device, dtype=cfg.dtype, model=student,
         tokenizer=student_tokenizer, preset_overrides=cfg.student_model)
-    kept = retemplate(kept, cfg.template, student_tokenizer)
+    kept = retemplate(kept, cfg.template, student_tokenizer, cfg.instruction)
     stats.update(retokenization_stats(kept, student_tokenizer))
     if stats["retokenized_exact"] < 1.0:
         log(f"distill: warning: only {stats['retokenized_exact']:.1%} of traces survive the student tokenizer exactly")

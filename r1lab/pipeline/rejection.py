@@ -288,6 +288,10 @@ class SamplingSpec:
     """Prompts to sample on."""
     template: str | None = None
     """Prompt template: r1_zero, chat, plain or a string with {question}; None: the task's own."""
+    instruction: str | None = None
+    """What a chat-template prompt asks for after the question; None: the task's own (math: \\boxed{})."""
+    stop_strings: list[str] = field(default_factory=list)
+    """Text that ends a sample (e.g. '</answer>' for an instruct model that keeps talking after its answer)."""
     k: int = 4
     """Samples per prompt."""
     temperature: float = 1.0
@@ -301,6 +305,23 @@ class SamplingSpec:
 
     def __post_init__(self) -> None:
         check_ranges(self, at_least={"size": 1, "k": 1, "max_new_tokens": 1, "temperature": 0}, unit=("top_p",))
+
+    def load_task(self, seed: int) -> Task:
+        """The prompts to sample on, posed with this spec's instruction."""
+        from r1lab.tasks import load_task
+
+        task = load_task(self.task, split=self.split, size=self.size, seed=seed, **self.task_options)
+        if self.instruction is not None:
+            task.instruction = self.instruction
+        return task
+
+    def sample(self, model, tokenizer, problems: Task | Sequence[Any], *, seed: int, model_name: str,
+               prompts_per_batch: int = 64, dist: Any = None) -> "RejectionResult":
+        """rejection_sample with this spec's settings."""
+        return rejection_sample(model, tokenizer, problems, k=self.k, temperature=self.temperature,
+                                top_p=self.top_p, max_new_tokens=self.max_new_tokens, template=self.template,
+                                filters=self.filters, seed=seed, prompts_per_batch=prompts_per_batch,
+                                model_name=model_name, stop_strings=self.stop_strings, dist=dist)
 
 
 @dataclass
@@ -326,7 +347,6 @@ def run_rejection(cfg: RejectionConfig, run_dir: RunDir | str | Path, log: Calla
     dist (under torchrun): every rank samples its share of the prompts on its own GPU; rank 0 writes."""
     from r1lab import distributed as D
     from r1lab.model import load_model_and_tokenizer
-    from r1lab.tasks import load_task
 
     info = dist or D.single_process(cfg.device)
     main = info.is_main
@@ -336,10 +356,8 @@ def run_rejection(cfg: RejectionConfig, run_dir: RunDir | str | Path, log: Calla
     if not cfg.model:
         raise ConfigError("set model= to the HF folder to sample from")
     model, tok = load_model_and_tokenizer(cfg.model, tokenizer=cfg.tokenizer, device=info.device, dtype=cfg.dtype)
-    task = load_task(cfg.task, split=cfg.split, size=cfg.size, seed=cfg.seed, **cfg.task_options)
-    result = rejection_sample(model, tok, task, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
-                              max_new_tokens=cfg.max_new_tokens, template=cfg.template, filters=cfg.filters, seed=cfg.seed, prompts_per_batch=cfg.prompts_per_batch,
-                              model_name=str(cfg.model), dist=info)
+    result = cfg.sample(model, tok, cfg.load_task(cfg.seed), seed=cfg.seed, model_name=str(cfg.model),
+                        prompts_per_batch=cfg.prompts_per_batch, dist=info)
     path = run_dir.path / "records.jsonl"
     if not main:
         return path
