@@ -293,6 +293,9 @@ def eval_(
     template: Optional[str] = typer.Option(
         None, help="Prompt: r1_zero, chat, plain or a string with {question} (default: each benchmark's own, "
                    "chat for humaneval, r1_zero for the others)."),
+    instruction: Optional[str] = typer.Option(
+        None, help="What a chat prompt asks for after the question, for every benchmark (default: each task's own, "
+                   "e.g. \\boxed{} for math); e.g. the R1-style <think>/<answer> request a zero recipe trained with."),
     force_think: bool = typer.Option(False, help="End prompts with an open <think> (for released R1 models)."),
     stop: list[str] = typer.Option([], "--stop", help="Text that ends an answer, repeatable (e.g. '</answer>')."),
     seed: int = typer.Option(0),
@@ -308,10 +311,9 @@ def eval_(
         parse_bench(spec)  # a malformed spec fails now, not after the model load and the benchmarks before it
     with _processes(device) as info:
         run_dir = _new_run_dir(out, "eval", info)
-        evaluate_benchmarks(model, bench, run_dir, template=template, k=k, temperature=temperature, top_p=top_p,
-                            max_new_tokens=max_new_tokens, seed=seed, force_think=force_think, stop_strings=stop,
-                            device=device,
-                            dtype=dtype, dist=info)
+        evaluate_benchmarks(model, bench, run_dir, template=template, instruction=instruction, k=k,
+                            temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                            force_think=force_think, stop_strings=stop, device=device, dtype=dtype, dist=info)
         if info.is_main:
             typer.echo(f"wrote {run_dir}/summary.json, {run_dir}/eval/ and {run_dir}/report.html")
 

@@ -127,6 +127,14 @@ def test_evaluate_benchmarks_writes_run_files(tiny, scripted_generate, tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["benchmarks"]["arith"]["cons@k"] == 0.5 and summary["arith/pass@1"] == pytest.approx(3 / 8)
     assert (out / "report.html").is_file() and (out / "config.yaml").is_file()
+    # an instruction given poses every benchmark's chat prompts with it instead of the task's own
+    evaluate_benchmarks(model, [f"jsonl:{data},question_field=problem,answer_field=solution"], tmp_path / "tags",
+                                tokenizer=tokenizer, template="chat", instruction="Answer in <answer> tags.", k=4,
+                                max_new_tokens=32, progress=False)
+    prompts = [json.loads(line)["prompt"] for line in (tmp_path / "tags" / "eval" / "arith.jsonl").read_text().splitlines()]
+    assert len(prompts) == 2 and all("Answer in <answer> tags." in p and "boxed" not in p for p in prompts)
+    default = (out / "eval" / "arith.jsonl").read_text()
+    assert "Answer in <answer> tags." not in default
 
 
 def test_parse_bench():

@@ -85,7 +85,8 @@ def _exact(a: str, b: str) -> bool:
 
 
 def _item_record(sampled: SampledProblem) -> dict:
-    """The per-question record: completions, scores, correctness, answers, lengths, format, language, vote."""
+    """The per-question record: the prompt as posed, completions, scores, correctness, answers, lengths, format,
+    language, vote."""
     problem, texts, scores = sampled.problem, sampled.texts, sampled.scores
     correct = [s >= 1.0 for s in scores]
     votes = [_vote_key(problem, t) for t in texts]
@@ -95,6 +96,7 @@ def _item_record(sampled: SampledProblem) -> dict:
         "index": sampled.index,
         "question": problem.question,
         "gold": problem.gold,
+        "prompt": sampled.prompt.text,
         "completions": texts,
         "scores": scores,
         "correct": correct,
@@ -337,7 +339,8 @@ def _load_bench(bench: BenchSpec, seed: int) -> Task:
 
 
 def evaluate_benchmarks(model: Any, benches: Sequence[str | dict | BenchSpec], out_dir: str | Path, *,
-                        tokenizer: Any = None, template: str | None = None, k: int = 4, temperature: float = 0.6,
+                        tokenizer: Any = None, template: str | None = None, instruction: str | None = None,
+                        k: int = 4, temperature: float = 0.6,
                         top_p: float = 0.95, max_new_tokens: int | None = None, seed: int = 0,
                         force_think: bool = False, device: str = "cpu", dtype: str = "auto",
                         stop_strings: Sequence[str] = (), progress: bool = True, console: Any = None,
@@ -348,7 +351,8 @@ def evaluate_benchmarks(model: Any, benches: Sequence[str | dict | BenchSpec], o
     Each bench is held out ("test" split): reasoning-gym tasks use their disjoint held-out split (size
     default 100), files and evaluation sets are used whole unless a size is given. template None poses each
     benchmark its own way (HumanEval: the chat template and the code instruction, scored in the sandbox;
-    math tasks: the R1-Zero template); a template given applies to every benchmark.
+    math tasks: the R1-Zero template); a template given applies to every benchmark. instruction: what a chat
+    prompt asks for after the question, for every benchmark (None: each task's own, e.g. math's \\boxed{}).
     Writes out_dir/eval/<bench>.jsonl, out_dir/config.yaml, out_dir/summary.json ({"benchmarks": {...}}
     plus flat "<bench>/<metric>" numbers) and out_dir/report.html.
     dist (under torchrun): each rank loads the model on its own GPU and samples its share of every
@@ -380,7 +384,7 @@ def evaluate_benchmarks(model: Any, benches: Sequence[str | dict | BenchSpec], o
     main = info.is_main
     progress = progress and main
     run = RunDir(out_dir)
-    settings = {"model": model_label, "template": template, "k": k, "temperature": temperature, "top_p": top_p,
+    settings = {"model": model_label, "template": template, "instruction": instruction, "k": k, "temperature": temperature, "top_p": top_p,
                 "max_new_tokens": max_new_tokens, "seed": seed, "force_think": force_think,
                 "stop_strings": list(stop_strings),
                 "benchmarks": [{"name": s.name, "task": s.task, "size": s.size, "options": s.options}
@@ -390,6 +394,8 @@ def evaluate_benchmarks(model: Any, benches: Sequence[str | dict | BenchSpec], o
     summaries: dict[str, dict] = {}
     for spec in specs:
         task = _load_bench(spec, seed)
+        if instruction is not None:
+            task.instruction = instruction
         summaries[spec.name], _ = evaluate(
             model, tokenizer, task, template=template, k=k, temperature=temperature, top_p=top_p,
             max_new_tokens=max_new_tokens, seed=seed, progress=progress, force_think=force_think,
