@@ -129,8 +129,8 @@ def test_evaluate_benchmarks_writes_run_files(tiny, scripted_generate, tmp_path)
     assert (out / "report.html").is_file() and (out / "config.yaml").is_file()
     # an instruction given poses every benchmark's chat prompts with it instead of the task's own
     evaluate_benchmarks(model, [f"jsonl:{data},question_field=problem,answer_field=solution"], tmp_path / "tags",
-                                tokenizer=tokenizer, template="chat", instruction="Answer in <answer> tags.", k=4,
-                                max_new_tokens=32, progress=False)
+                        tokenizer=tokenizer, template="chat", instruction="Answer in <answer> tags.", k=4,
+                        max_new_tokens=32, progress=False)
     prompts = [json.loads(line)["prompt"] for line in (tmp_path / "tags" / "eval" / "arith.jsonl").read_text().splitlines()]
     assert len(prompts) == 2 and all("Answer in <answer> tags." in p and "boxed" not in p for p in prompts)
     default = (out / "eval" / "arith.jsonl").read_text()
