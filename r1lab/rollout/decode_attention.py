@@ -1,4 +1,4 @@
-"""Decode attention over the slotted KV cache that reads only each row's valid positions.
+"""Decode attention over the slotted or paged KV cache that reads only each row's valid positions.
 
 The fused decode step (fast_decode.py) used to run SDPA over `cache[:, :B, :kv_len]`, where kv_len is the
 CUDA-graph bucket (rounded up to 128 positions, or 1/8 of a power of two past 2048), with a boolean mask: every
@@ -12,6 +12,11 @@ G = H / Hkv query heads that share that KV head together, so each K/V tile is lo
 the row's length return after storing an empty partial. A second kernel merges the chunks of each (row, head):
 running max, sum of exponentials and unnormalized output per chunk, rescaled to the common max.
 The grid is (B, Hkv, n_chunks), with n_chunks chosen from (B, kv_len) only, so one graph per bucket as before.
+
+Paged cache (model/cache.PagedKVCache, layer [2, blocks, block_size, Hkv, D]): a program's positions are
+looked up in the row's block table, tile by tile (position n → block_tables[row, n // block_size] ×
+block_size + n % block_size); the table is read from the device like the lengths, so a captured graph stays
+valid while the engine remaps blocks between steps.
 
 Numerics: scores and the softmax in fp32 (exp2 with log2(e) folded into the scale), probabilities rounded to
 the cache dtype before P·V (as flash-attention kernels do), fp32 accumulation, output in q's dtype. fp32
@@ -94,10 +99,12 @@ def decode_attention_torch(q, cache_layer, lengths, kv_len: int, scale: float, n
 if triton is not None:
 
     @triton.jit
-    def _partial_kernel(q_ptr, cache_ptr, len_ptr, acc_ptr, max_ptr, sum_ptr, kv_plane, slot_stride, pos_stride,
-                        chunk, n_heads, n_chunks, qk_scale,
+    def _partial_kernel(q_ptr, cache_ptr, len_ptr, table_ptr, acc_ptr, max_ptr, sum_ptr, kv_plane, slot_stride,
+                        pos_stride, table_stride, chunk, n_heads, n_chunks, qk_scale,
                         G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                        BLOCK_N: tl.constexpr, IEEE: tl.constexpr, PAGE: tl.constexpr):
+        # PAGE = 0: slotted cache, row b's positions at slot b (slot_stride apart); PAGE > 0: block size of a
+        # paged cache, whose blocks are slot_stride apart and found through the row's block table
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -114,11 +121,18 @@ if triton is not None:
         run_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
         run_sum = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        base = cache_ptr + row.to(tl.int64) * slot_stride + kv_head * D
+        if PAGE:
+            base = cache_ptr + kv_head * D
+        else:
+            base = cache_ptr + row.to(tl.int64) * slot_stride + kv_head * D
         for first in range(start, end, BLOCK_N):
             n = first + tl.arange(0, BLOCK_N)
             n_in = n < end
-            offsets = n.to(tl.int64)[:, None] * pos_stride + d[None, :]
+            if PAGE:
+                block = tl.load(table_ptr + row * table_stride + n // PAGE, mask=n_in, other=0).to(tl.int64)
+                offsets = (block * slot_stride + (n % PAGE) * pos_stride)[:, None] + d[None, :]
+            else:
+                offsets = n.to(tl.int64)[:, None] * pos_stride + d[None, :]
             tile_mask = n_in[:, None] & d_in[None, :]
             k = tl.load(base + offsets, mask=tile_mask, other=0.0)
             v = tl.load(base + kv_plane + offsets, mask=tile_mask, other=0.0)
@@ -184,9 +198,12 @@ class Workspace:
         self.sum = torch.empty(rows, dtype=torch.float32, device=device)
 
 
-def decode_attention_triton(q, cache_layer, lengths, scale: float, work: Workspace):
+def decode_attention_triton(q, cache_layer, lengths, scale: float, work: Workspace,
+                            block_tables: torch.Tensor | None = None):
     """q [B, H, D] (contiguous), cache_layer [2, slots, len, Hkv, D] (last dim contiguous), lengths [B] int
-    (each <= the kv_len `work` was built for, >= 1) → out [B, H, D] in q's dtype."""
+    (each <= the kv_len `work` was built for, >= 1) → out [B, H, D] in q's dtype.
+    With block_tables [rows >= B, max_blocks] int32: cache_layer is a paged layer [2, blocks, block_size, Hkv, D]
+    and row b's position p is at block block_tables[b, p // block_size]."""
     B, H, D = q.shape
     n_kv = cache_layer.shape[3]
     if H % n_kv or cache_layer.stride(4) != 1 or cache_layer.stride(3) != D or not q.is_contiguous():
@@ -194,11 +211,13 @@ def decode_attention_triton(q, cache_layer, lengths, scale: float, work: Workspa
     G = H // n_kv
     out = torch.empty_like(q)
     block_d = max(16, triton.next_power_of_2(D))
+    paged = block_tables is not None
     _partial_kernel[(B, n_kv, work.n_chunks)](
-        q, cache_layer, lengths, work.acc, work.max, work.sum, cache_layer.stride(0), cache_layer.stride(1),
-        cache_layer.stride(2), work.chunk, H, work.n_chunks, scale * _LOG2E,
+        q, cache_layer, lengths, block_tables if paged else lengths, work.acc, work.max, work.sum,
+        cache_layer.stride(0), cache_layer.stride(1), cache_layer.stride(2), block_tables.stride(0) if paged else 0,
+        work.chunk, H, work.n_chunks, scale * _LOG2E,
         G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d, BLOCK_N=BLOCK_N,
-        IEEE=cache_layer.dtype == torch.float32, num_warps=4, num_stages=2)
+        IEEE=cache_layer.dtype == torch.float32, PAGE=cache_layer.shape[2] if paged else 0, num_warps=4, num_stages=2)
     _merge_kernel[(B * H,)](work.acc, work.max, work.sum, out, work.n_chunks, D=D,
                             BLOCK_C=max(2, triton.next_power_of_2(work.n_chunks)), BLOCK_D=block_d, num_warps=1)
     return out

@@ -1,4 +1,4 @@
-"""The generation engine: slotted KV cache, batched prefill, continuous-batching decode, sampling.
+"""The generation engine: slotted or paged KV cache, batched prefill, continuous-batching decode, sampling.
 
 Life of a sample ("sequence"):
 1. `add_request` queues the prompt's n sequences.
@@ -12,6 +12,19 @@ Life of a sample ("sequence"):
 4. A sampled stop token or max_new_tokens finishes a sequence and frees its slot; the next step admits
    a waiting one into it. When few sequences remain in high slots they are moved down (cache rows copied)
    so the decode batch shrinks.
+
+Paged mode (`paged=True`, model/cache.PagedKVCache): a decode row holds a list of fixed-size blocks from one
+pool (blocks.BlockManager keeps the free list and reference counts) instead of a slot of max_len positions,
+so memory goes to the tokens that exist rather than to max_len per row. What changes in the steps above:
+- admission also needs free blocks: the blocks of the sequence's context plus one more while others run
+  (the first sequence admitted into an empty engine needs no headroom, so it always fits);
+- siblings share the prompt's full blocks (reference counts; nobody writes them again) and copy only the
+  partial last one (copy-on-write: each sample writes its own tokens there);
+- before each decode step, a sequence whose next position starts a new block gets one; when none is free
+  the most recently admitted sequences are preempted: their blocks and rows are freed and they go back to
+  the front of the waiting queue with their tokens, to be prefilled again (prompt + generated[:-1]) when
+  re-admitted. Noise is keyed by position, so a preempted sequence draws exactly the tokens it would have;
+- compaction moves block-table rows, not K/V.
 
 Host syncs: one small device→host copy of the sampled tokens and log-probs per step. With `lookahead=1`
 (default on CUDA) step t+1 is launched before step t's tokens are read, so the GPU never waits on Python;
@@ -35,8 +48,10 @@ from dataclasses import dataclass, field
 import torch
 
 from r1lab.model import KVCache
+from r1lab.model.cache import PagedKVCache
 
 from . import fused_sampling
+from .blocks import BlockManager
 from .cuda_graphs import DecodeGraphs, batch_bucket, kv_bucket
 from .fast_decode import FastDecoder, supported as fast_decode_supported, triton as _triton
 from .sampling import RowParams, SamplingParams, device_tensor, sample
@@ -78,6 +93,13 @@ class EngineStats:
     slot_copies: int = 0
     """Sibling prefills replaced by a cache copy."""
     compaction_moves: int = 0
+    blocks_in_use: int = 0
+    """Paged mode: KV blocks held right now (a block shared by siblings counts once)."""
+    peak_blocks: int = 0
+    preemptions: int = 0
+    """Paged mode: sequences sent back to the waiting queue because no block was free."""
+    shared_prompt_blocks: int = 0
+    """Paged mode: block allocations saved by siblings sharing a prompt's full blocks."""
 
 
 @dataclass(eq=False)
@@ -87,11 +109,20 @@ class _Sequence:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     slot: int = -1
+    """Decode row (cache slot) while running, else -1."""
+    blocks: list[int] = field(default_factory=list)
+    """Paged mode: physical KV blocks of logical blocks 0, 1, ... while running."""
+    admitted_at: int = 0
+    """Admission order (the most recently admitted sequence is preempted first)."""
     fed: int = 0
     """Cache positions written (or being written by a launched step); the next position fed."""
     noise_key: int = 0
     """The sampling noise's key (see noise_key()); the draw at position p uses noise_key ^ (p << 44)."""
     finish_reason: str | None = None
+
+    def context(self) -> list[int]:
+        """Prompt + generated tokens (those generated before a preemption, when re-admitted)."""
+        return self.request.prompt + self.token_ids
 
 
 @dataclass(eq=False)
@@ -121,6 +152,10 @@ class Engine:
     Cache size: `num_slots` × `max_len` positions. Give both, or `kv_cache_bytes` with one of them (the other
     is derived); with neither, max_len = min(model max positions, 4096) and the slots fill half the free
     GPU memory (at most 512), or 16 slots on CPU.
+    paged=True: a PagedKVCache of `num_blocks` blocks of `block_size` positions (default: `kv_cache_bytes`,
+    else half the free GPU memory, or on CPU as many positions as the slotted default); `num_slots` is then
+    the most sequences decoded at once (default 256 on CUDA, 16 on CPU) and `max_len` only bounds one
+    sequence (default: the model's max positions).
     prefill_tokens: padded tokens per prefill forward; prefill_chunk: longest piece of one prompt per forward.
     cuda_graphs: capture the decode step (CUDA only; default on). lookahead: 0 or 1 (default 1 on CUDA).
     fast_decode: decode dense GQA models with fused kernels (fast_decode.py; default on CUDA with Triton;
@@ -135,22 +170,32 @@ class Engine:
                  kv_cache_bytes: int | None = None, cache_dtype: torch.dtype | None = None,
                  prefill_tokens: int | None = None, prefill_chunk: int | None = None,
                  cuda_graphs: bool | None = None, lookahead: int | None = None, fast_decode: bool | None = None,
-                 fused_proj: bool | None = None, decode_attention: bool | None = None):
+                 fused_proj: bool | None = None, decode_attention: bool | None = None, paged: bool = False,
+                 block_size: int = 16, num_blocks: int | None = None):
         self.model, self.args = model, model.args
         self.options: dict = {}  # what generate() built this engine with (it reuses it for the same options)
         weight = model.lm_head.weight
         self.device, dtype = weight.device, cache_dtype or weight.dtype
         cuda = self.device.type == "cuda"
-        num_slots, max_len = self._cache_shape(num_slots, max_len, kv_cache_bytes, dtype, cuda)
+        if paged:
+            num_slots = num_slots or (256 if cuda else 16)
+            max_len = max_len or self.args.max_position_embeddings
+            num_blocks = self._pool_size(num_blocks, kv_cache_bytes, block_size, num_slots, max_len, dtype, cuda)
+        else:
+            num_slots, max_len = self._cache_shape(num_slots, max_len, kv_cache_bytes, dtype, cuda)
         self.num_slots, self.max_len = num_slots, max_len
         self.prefill_tokens = prefill_tokens or (16384 if cuda else 2048)
         self.prefill_chunk = min(prefill_chunk or 2048, self.prefill_tokens)
         self.lookahead = (1 if cuda else 0) if lookahead is None else lookahead
         with torch.inference_mode():
-            self.cache = KVCache(self.args, num_slots, max_len, dtype, self.device)
+            if paged:
+                self.cache = PagedKVCache(self.args, num_slots, num_blocks, block_size, max_len, dtype, self.device)
+            else:
+                self.cache = KVCache(self.args, num_slots, max_len, dtype, self.device)
             self.tokens = torch.zeros(num_slots, dtype=torch.long, device=self.device)  # next input per slot
             self.positions = torch.zeros(num_slots, dtype=torch.long, device=self.device)
             self.noise_keys = torch.zeros(num_slots, dtype=torch.long, device=self.device)  # per slot
+        self.blocks = BlockManager(num_blocks) if paged else None
         self.seed_generator = torch.Generator().manual_seed(0)  # seeds of unseeded requests
         if fast_decode is None:
             fast_decode = cuda and _triton is not None
@@ -166,6 +211,7 @@ class Engine:
         self.requests: dict[int, _Request] = {}
         self.inflight: deque[_Launched] = deque()
         self.running = 0  # sequences holding a slot
+        self._admissions = 0
         self.unfinished = 0  # sequences not finished (waiting or running)
         self.stats = EngineStats()
         self._next_request_id = 0
@@ -192,6 +238,22 @@ class Engine:
         if num_slots < 1:
             raise ValueError(f"a KV cache budget of {budget} bytes cannot hold one sequence of {max_len} positions")
         return num_slots, max_len
+
+    def _pool_size(self, num_blocks, budget, block_size, num_rows, max_len, dtype, cuda) -> int:
+        if num_blocks:
+            return num_blocks
+        if budget is None:
+            if not cuda:
+                return num_rows * -(-min(max_len, 4096) // block_size)
+            budget = torch.cuda.mem_get_info(self.device)[0] // 2
+        num_blocks = budget // PagedKVCache.bytes_per_block(self.args, block_size, dtype) - 1  # - the scratch block
+        if num_blocks < 1:
+            raise ValueError(f"a KV cache budget of {budget} bytes cannot hold one block of {block_size} positions")
+        return num_blocks
+
+    def _blocks_for(self, positions: int) -> int:
+        """Blocks that hold cache positions 0..positions-1."""
+        return -(-positions // self.cache.block_size)
 
     # ------------------------------------------------------------------ public interface
     def add_request(self, prompt: list[int], params: SamplingParams, keep: bool = False,
@@ -236,8 +298,6 @@ class Engine:
             return
         for seq in request.sequences:
             if seq.finish_reason is None:
-                if seq.slot < 0:
-                    self.waiting.remove(seq)
                 self._finish(seq, "abort")
 
     def completions(self, request_id: int, forget: bool = True) -> list[Completion]:
@@ -284,6 +344,14 @@ class Engine:
                 f"{name} has {len(prompt)} tokens + max_new_tokens {params.max_new_tokens} = "
                 f"{len(prompt) + params.max_new_tokens} positions, more than the KV cache's {self.max_len} per "
                 "sequence; shorten it, lower max_new_tokens, or build the Engine with a larger max_len")
+        if self.blocks is not None:
+            # the last position a sequence can write: the one after its last token (a wasted lookahead row)
+            need = self._blocks_for(len(prompt) + params.max_new_tokens)
+            if need > self.blocks.num_blocks:
+                raise ValueError(
+                    f"{name} has {len(prompt)} tokens + max_new_tokens {params.max_new_tokens}: {need} KV blocks of "
+                    f"{self.cache.block_size} positions, more than the pool's {self.blocks.num_blocks}; shorten it, "
+                    "lower max_new_tokens, or build the Engine with more num_blocks / kv_cache_bytes")
 
     # ------------------------------------------------------------------ the step
     def _step(self, emit: bool) -> list[StreamEvent]:
@@ -293,6 +361,8 @@ class Engine:
         with torch.inference_mode():
             if self.fast is not None and not self.running and self.waiting:
                 self.fast.sync_weights(force=True)  # a batch starts: the trainer may have changed the weights
+            if self.blocks is not None:
+                self._grow_blocks()  # before admission: running sequences get the free blocks first
             self._admit()
             self._compact()
             if self.running:
@@ -300,45 +370,53 @@ class Engine:
             events: list[StreamEvent] = []
             while self.inflight and (len(self.inflight) > self.lookahead or not self.running):
                 self._process(self.inflight.popleft(), events if emit else None)
+            if self.blocks is not None:
+                self.stats.blocks_in_use, self.stats.peak_blocks = self.blocks.in_use, self.blocks.peak
         if self._restore_training and not self.has_unfinished() and not self.inflight:
             self.model.train()
             self._restore_training = False
         return events
 
     def _admit(self) -> None:
+        """Give waiting sequences (in queue order) a free row, and in paged mode the blocks their context needs;
+        then fill their cache: a prefill, or a copy of a sibling's prompt K/V and a prefill of the rest."""
         admitted: list[_Sequence] = []
+        donors: dict[int, _Sequence] = {}  # request id → a sibling whose cache holds (or is about to) the prompt
+        prefill, prefill_after_copy, copies = [], [], []
         while self.waiting and self.free_slots:
-            seq = self.waiting.popleft()
+            seq = self.waiting[0]
+            req = seq.request
+            # a running sibling's first len-1 positions are the prompt's K/V (it only writes past them)
+            donor = donors.get(req.request_id) or next(
+                (s for s in req.sequences if s.slot >= 0 and s.finish_reason is None), None)
+            if self.blocks is not None and not self._take_blocks(seq, donor, headroom=int(bool(self.running or admitted))):
+                break
+            self.waiting.popleft()
             seq.slot = heapq.heappop(self.free_slots)
             self.slots[seq.slot] = seq
+            self._admissions += 1
+            seq.admitted_at = self._admissions
             admitted.append(seq)
+            if donor is None:
+                donors[req.request_id] = seq
+                start = 0
+            else:
+                copies.append((donor, seq))
+                start = len(req.prompt) - 1
+            context = seq.context()
+            if start < len(context) - 1:  # K/V of context[:-1] still missing (a whole prompt, or preempted tokens)
+                (prefill if donor is None else prefill_after_copy).append([seq.slot, context[:-1], start])
         if not admitted:
             return
-        prefill: list[_Sequence] = []
-        copies: list[tuple[int, int]] = []  # (source slot, destination slot)
-        donors: dict[int, int] = {}  # request id → a slot holding the prompt's K/V
-        new = set(admitted)
-        for seq in admitted:
-            req = seq.request
-            if req.request_id not in donors:
-                # a running sibling's first len-1 rows are the prompt's K/V (it only writes past them)
-                donor = next((s for s in req.sequences if s.slot >= 0 and s.finish_reason is None and s not in new),
-                             None)
-                if donor is None:
-                    prefill.append(seq)
-                    donors[req.request_id] = seq.slot
-                    continue
-                donors[req.request_id] = donor.slot
-            copies.append((donors[req.request_id], seq.slot))
+        if self.blocks is not None:
+            self.cache.set_rows([s.slot for s in admitted], [s.blocks for s in admitted])
         self._prefill(prefill)
-        if copies:
-            longest = max(len(self.slots[dst].request.prompt) - 1 for _, dst in copies)
-            self._copy_slots([s for s, _ in copies], [d for _, d in copies], longest)
-            self.stats.slot_copies += len(copies)
-        # every admitted sequence feeds the prompt's last token at position len-1 next
+        self._copy_prompts(copies)
+        self._prefill(prefill_after_copy)
+        # every admitted sequence feeds the last token of its context next (the prompt's, unless preempted)
         slots = [s.slot for s in admitted]
-        last = [s.request.prompt[-1] for s in admitted]
-        pos = [len(s.request.prompt) - 1 for s in admitted]
+        last = [s.context()[-1] for s in admitted]
+        pos = [len(s.request.prompt) + len(s.token_ids) - 1 for s in admitted]
         index = device_tensor(slots, torch.long, self.device)
         self.tokens[index] = device_tensor(last, torch.long, self.device)
         self.positions[index] = device_tensor(pos, torch.long, self.device)
@@ -350,9 +428,39 @@ class Engine:
         self.running += len(admitted)
         self._row_params = None
 
-    def _prefill(self, seqs: list[_Sequence]) -> None:
-        """Write the K/V of each sequence's prompt[:-1] into its slot: right-padded batches, long prompts chunked."""
-        work = [[s.slot, s.request.prompt[:-1], 0] for s in seqs if len(s.request.prompt) > 1]
+    def _take_blocks(self, seq: _Sequence, donor: _Sequence | None, headroom: int) -> bool:
+        """Paged: give `seq` the blocks of its context (sharing the donor's full prompt blocks) if they and
+        `headroom` more are free; False (nothing taken) otherwise."""
+        shared = (len(seq.request.prompt) - 1) // self.cache.block_size if donor is not None else 0
+        need = self._blocks_for(len(seq.request.prompt) + len(seq.token_ids)) - shared
+        if self.blocks.num_free < need + headroom:
+            return False
+        seq.blocks = (self.blocks.fork(donor.blocks[:shared]) if shared else []) + self.blocks.allocate(need)
+        self.stats.shared_prompt_blocks += shared
+        return True
+
+    def _copy_prompts(self, pairs: list[tuple[_Sequence, _Sequence]]) -> None:
+        """Give each (donor, sibling) pair's sibling the prompt[:-1] K/V of the donor: slotted, a copy of the
+        slot's first positions; paged, a copy of the partial last prompt block (the full ones are shared)."""
+        if not pairs:
+            return
+        self.stats.slot_copies += len(pairs)
+        if self.blocks is None:
+            length = max(len(dst.request.prompt) - 1 for _, dst in pairs)
+            if length > 0:
+                self.cache.copy_slots(device_tensor([s.slot for s, _ in pairs], torch.long, self.device),
+                                      device_tensor([d.slot for _, d in pairs], torch.long, self.device), length)
+            return
+        size = self.cache.block_size
+        partial = [(src.blocks[i], dst.blocks[i]) for src, dst in pairs
+                   for i in [(len(dst.request.prompt) - 1) // size] if (len(dst.request.prompt) - 1) % size]
+        if partial:
+            self.cache.copy_blocks(device_tensor([s for s, _ in partial], torch.long, self.device),
+                                   device_tensor([d for _, d in partial], torch.long, self.device))
+
+    def _prefill(self, work: list[list]) -> None:
+        """Write K/V into the cache for each [slot, tokens, start]: tokens[start:] at positions start...;
+        right-padded batches, long pieces chunked."""
         while work:
             batch, width = [], 0
             for item in work:
@@ -384,17 +492,6 @@ class Engine:
     def _upload(self, t: torch.Tensor) -> torch.Tensor:
         return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
-    def _copy_slots(self, src: list[int], dst: list[int], length: int) -> None:
-        """Copy cache positions [:length] of slots `src` into slots `dst` (disjoint), in every layer."""
-        if length <= 0:
-            return
-        s, d = device_tensor(src, torch.long, self.device), device_tensor(dst, torch.long, self.device)
-        for layer in self.cache.layers:
-            if self.cache.is_mla:
-                layer[d, :length] = layer[s, :length]
-            else:
-                layer[:, d, :length] = layer[:, s, :length]
-
     def _compact(self) -> None:
         """Move sequences from the highest slots into the lowest free ones when that shrinks the batch bucket."""
         if not self.running:
@@ -410,9 +507,12 @@ class Engine:
                 continue
             new = heapq.heappop(self.free_slots)
             moves.append((slot, new, seq))
-        self._copy_slots([m[0] for m in moves], [m[1] for m in moves], max(m[2].fed for m in moves))
         src = device_tensor([m[0] for m in moves], torch.long, self.device)
         dst = device_tensor([m[1] for m in moves], torch.long, self.device)
+        if self.blocks is not None:
+            self.cache.move_rows(src, dst)
+        else:
+            self.cache.copy_slots(src, dst, max(m[2].fed for m in moves))
         self.tokens[dst] = self.tokens[src]
         self.positions[dst] = self.positions[src]
         self.noise_keys[dst] = self.noise_keys[src]
@@ -518,15 +618,50 @@ class Engine:
         if not seq.request.unfinished and not seq.request.keep:
             self.requests.pop(seq.request.request_id, None)
         if seq.slot >= 0:
-            self.slots[seq.slot] = None
-            heapq.heappush(self.free_slots, seq.slot)
-            seq.slot = -1
-            self.running -= 1
-            self._row_params = None
-            key = id(seq.request.params)
-            self._running_params[key] -= 1
-            if not self._running_params[key]:
-                del self._running_params[key]
+            self._release(seq)
+        else:  # waiting: aborted, or preempted while its last step's token was in flight
+            self.waiting.remove(seq)
+
+    def _release(self, seq: _Sequence) -> None:
+        """Free a running sequence's row (and blocks)."""
+        self.slots[seq.slot] = None
+        heapq.heappush(self.free_slots, seq.slot)
+        if self.blocks is not None:
+            self.blocks.release(seq.blocks)
+            seq.blocks = []
+            self.cache.clear_rows(seq.slot)  # an idle row must not write into blocks that others get next
+        seq.slot = -1
+        self.running -= 1
+        self._row_params = None
+        key = id(seq.request.params)
+        self._running_params[key] -= 1
+        if not self._running_params[key]:
+            del self._running_params[key]
+
+    def _grow_blocks(self) -> None:
+        """Paged: map the block that each running sequence's next decode write lands in; when none is free,
+        preempt the most recently admitted sequences (possibly the one that needs the block)."""
+        size = self.cache.block_size
+        needy = sorted((s for s in self.slots if s is not None and s.fed // size >= len(s.blocks)),
+                       key=lambda s: s.admitted_at)
+        rows, logical, physical = [], [], []
+        for seq in needy:  # oldest first: a victim is always newer than every sequence already served
+            while seq.slot >= 0 and not self.blocks.num_free:
+                self._preempt(max((s for s in self.slots if s is not None), key=lambda s: s.admitted_at))
+            if seq.slot >= 0:
+                seq.blocks += self.blocks.allocate(1)
+                rows.append(seq.slot)
+                logical.append(len(seq.blocks) - 1)
+                physical.append(seq.blocks[-1])
+        if rows:
+            self.cache.set_entries(rows, logical, physical)
+
+    def _preempt(self, seq: _Sequence) -> None:
+        """Free a running sequence's blocks and row; it waits at the front of the queue, its tokens kept, and
+        is prefilled again (prompt + generated[:-1]) when re-admitted."""
+        self._release(seq)
+        self.waiting.appendleft(seq)
+        self.stats.preemptions += 1
 
 
 def noise_key(seed: int, sample_index: int) -> int:

@@ -28,6 +28,11 @@ the module flags FUSED_PROJ and DECODE_ATTENTION below), so a benchmark can A/B 
 - decode_attention: attention that reads only each row's valid positions (decode_attention.py, a split-K
   Triton kernel taking the lengths from the device) instead of SDPA over the kv_len bucket with a mask.
 
+Both caches work: slotted (KVCache) and paged (PagedKVCache). The cache-write kernel takes, per row, the flat
+index of its position along the layer's position axis (`cache.flat_index`: slot × max_len + p, or
+block_tables[b, p // bs] × bs + p % bs), computed once per step for all layers; the attention kernel reads
+paged K/V through the block table. The torch paths read the paged cache through `cache.read` (a gather).
+
 Each fused op has a plain-torch twin used on CPU, so the structure is tested for parity without a GPU; the
 Triton kernels are checked against the twins by the GPU tests (and the decode-attention kernel also by
 Triton's interpreter on CPU).
@@ -41,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from r1lab.model.attention import GQAttention
+from r1lab.model.cache import PagedKVCache
 from r1lab.model.layers import SwiGLU
 
 from . import decode_attention as _da
@@ -73,9 +79,10 @@ def add_rmsnorm_torch(delta, residual, weight, eps):
     return weight * x.to(h.dtype), h
 
 
-def rope_cache_torch(q, k, v, cos, sin, cache_layer, positions, n_heads, n_kv, head_dim):
-    """Rotate q [B, H*D] and k [B, Hkv*D] (half-split RoPE, fp32 math), write k and v at (row b, positions[b])
-    of cache_layer [2, slots, len, Hkv, D]; returns the rotated q [B, H, D]."""
+def rope_cache_torch(q, k, v, cos, sin, cache_layer, destinations, n_heads, n_kv, head_dim):
+    """Rotate q [B, H*D] and k [B, Hkv*D] (half-split RoPE, fp32 math), write k and v of row b at flat position
+    destinations[b] of cache_layer ([2, slots, len, Hkv, D] or [2, blocks, block_size, Hkv, D], contiguous);
+    returns the rotated q [B, H, D]."""
     B = q.shape[0]
 
     def rotate(x, heads):
@@ -84,9 +91,9 @@ def rope_cache_torch(q, k, v, cos, sin, cache_layer, positions, n_heads, n_kv, h
         c, s = cos[:, None], sin[:, None]
         return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
-    rows = torch.arange(B, device=q.device)
-    cache_layer[0][rows, positions] = rotate(k, n_kv).to(cache_layer.dtype)
-    cache_layer[1][rows, positions] = v.view(B, n_kv, head_dim).to(cache_layer.dtype)
+    flat = cache_layer.view(2, -1, n_kv, head_dim)
+    flat[0][destinations] = rotate(k, n_kv).to(cache_layer.dtype)
+    flat[1][destinations] = v.view(B, n_kv, head_dim).to(cache_layer.dtype)
     return rotate(q, n_heads)
 
 
@@ -115,8 +122,8 @@ if triton is not None:
         tl.store(out_ptr + row * dim + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, cache_ptr, pos_ptr,
-                           n_heads, n_kv, cache_len, kv_plane, q_stride, k_stride, v_stride, HALF: tl.constexpr):
+    def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, cache_ptr, dest_ptr,
+                           n_heads, n_kv, kv_plane, q_stride, k_stride, v_stride, HALF: tl.constexpr):
         row = tl.program_id(0)
         head = tl.program_id(1)
         d = tl.arange(0, HALF)
@@ -131,9 +138,9 @@ if triton is not None:
             tl.store(dst + HALF + d, (x2 * c + x1 * s).to(q_out_ptr.dtype.element_ty))
         else:
             kv_head = head - n_heads
-            pos = tl.load(pos_ptr + row).to(tl.int64)
-            # cache_layer[0 or 1, row, pos, kv_head, :]; kv_plane = slots * len * Hkv * D
-            offset = ((row.to(tl.int64) * cache_len + pos) * n_kv + kv_head) * 2 * HALF
+            dest = tl.load(dest_ptr + row).to(tl.int64)
+            # cache_layer.view(2, -1, Hkv, D)[0 or 1, dest, kv_head, :]; kv_plane = its second dim * Hkv * D
+            offset = (dest * n_kv + kv_head) * 2 * HALF
             src = k_ptr + row * k_stride + kv_head * 2 * HALF
             x1 = tl.load(src + d).to(tl.float32)
             x2 = tl.load(src + HALF + d).to(tl.float32)
@@ -166,14 +173,13 @@ def add_rmsnorm_triton(delta, residual, weight, eps):
     return out, new_residual
 
 
-def rope_cache_triton(q, k, v, cos, sin, cache_layer, positions, n_heads, n_kv, head_dim):
+def rope_cache_triton(q, k, v, cos, sin, cache_layer, destinations, n_heads, n_kv, head_dim):
     B = q.shape[0]
     q_out = torch.empty(B, n_heads, head_dim, dtype=q.dtype, device=q.device)
-    _, slots, cache_len, _, _ = cache_layer.shape
     assert q.stride(1) == k.stride(1) == v.stride(1) == 1 and cache_layer.is_contiguous()
     _rope_cache_kernel[(B, n_heads + n_kv)](
-        q, k, v, cos, sin, q_out, cache_layer, positions, n_heads, n_kv, cache_len,
-        slots * cache_len * n_kv * head_dim, q.stride(0), k.stride(0), v.stride(0), HALF=head_dim // 2, num_warps=1)
+        q, k, v, cos, sin, q_out, cache_layer, destinations, n_heads, n_kv, cache_layer[0].numel(),
+        q.stride(0), k.stride(0), v.stride(0), HALF=head_dim // 2, num_warps=1)
     return q_out
 
 
@@ -262,7 +268,8 @@ def _bucket_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
 
 
 class FastDecoder:
-    """decode(tokens [B], positions [B], kv_len, out [B, V]): one decode token per row b = cache slot b.
+    """decode(tokens [B], positions [B], kv_len, out [B, V]): one decode token per row b = cache slot b
+    (slotted) or block-table row b (paged).
 
     fused_proj: one GEMM for q|k|v and one for gate|up per layer (FusedWeights; call `sync_weights`).
     decode_attention: attention that reads each row's positions[b] + 1 cached positions (decode_attention.py)
@@ -272,6 +279,7 @@ class FastDecoder:
     def __init__(self, model, cache, use_triton: bool, fused_proj: bool | None = None,
                  decode_attention: bool | None = None):
         self.model, self.cache = model, cache
+        self.block_tables = cache.block_tables if isinstance(cache, PagedKVCache) else None
         hd = model.args.head_dim
         ok = use_triton and triton is not None and hd % 2 == 0 and (hd // 2) & (hd // 2 - 1) == 0
         self.add_rmsnorm = add_rmsnorm_triton if ok else add_rmsnorm_torch
@@ -300,25 +308,27 @@ class FastDecoder:
             else:
                 self.fused.refresh_if_changed()
 
-    def _attend(self, q, layer, lengths, kv_len, positions, attn, work, mask):
+    def _attend(self, q, i, lengths, kv_len, positions, attn, work, mask):
         B = q.shape[0]
         if self.attention_kernel:
+            layer = self.cache.layers[i]
             if self._kernel_ran:
-                return _da.decode_attention_triton(q, layer, lengths, attn.scale, work)
+                return _da.decode_attention_triton(q, layer, lengths, attn.scale, work, self.block_tables)
             try:  # the first call compiles (never inside a capture: the graphs warm up eagerly first)
-                out = _da.decode_attention_triton(q, layer, lengths, attn.scale, work)
+                out = _da.decode_attention_triton(q, layer, lengths, attn.scale, work, self.block_tables)
                 self._kernel_ran = True
                 return out
             except Exception as err:  # e.g. a Triton version that cannot compile it: keep decoding, with SDPA
                 self.attention_error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 warnings.warn(f"decode attention kernel failed ({self.attention_error}); using SDPA over the bucket")
                 self.attention_kernel = self.decode_attention = False
+        rows = self.cache.read(i, None, B, kv_len)  # [2, B, kv_len, Hkv, D]: a view (slotted) or a gather (paged)
         if self.decode_attention:
-            return _da.decode_attention_torch(q, layer, lengths, kv_len, attn.scale, self.attention_chunks)
+            return _da.decode_attention_torch(q, rows, lengths, kv_len, attn.scale, self.attention_chunks)
         if mask is None:  # the kernel was dropped during this step
             mask = _bucket_mask(positions, kv_len)
-        keys = layer[0, :B, :kv_len].transpose(1, 2)  # [B, Hkv, S, D] views of the cache
-        values = layer[1, :B, :kv_len].transpose(1, 2)
+        keys = rows[0].transpose(1, 2)  # [B, Hkv, S, D]
+        values = rows[1].transpose(1, 2)
         o = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, scale=attn.scale,
                                            enable_gqa=attn.n_heads != attn.n_kv)  # [B, H, 1, D]
         return o[:, :, 0]
@@ -328,6 +338,7 @@ class FastDecoder:
         B = tokens.shape[0]
         cos, sin = model.rotary(positions[:, None])
         cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()  # [B, D/2] fp32
+        destinations = self.cache.flat_index(positions)  # [B]: where each row's new K/V goes, for every layer
         lengths = work = mask = None
         if not self.decode_attention:  # SDPA over the bucket: one mask for every layer
             mask = _bucket_mask(positions, kv_len)
@@ -349,9 +360,9 @@ class FastDecoder:
                 q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias)
                 k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias)
                 v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias)
-            layer = self.cache.layers[i]
-            q = self.rope_cache(q, k, v, cos, sin, layer, positions, attn.n_heads, attn.n_kv, attn.head_dim)
-            o = self._attend(q, layer, lengths, kv_len, positions, attn, work, mask)  # [B, H, D]
+            q = self.rope_cache(q, k, v, cos, sin, self.cache.layers[i], destinations, attn.n_heads, attn.n_kv,
+                                attn.head_dim)
+            o = self._attend(q, i, lengths, kv_len, positions, attn, work, mask)  # [B, H, D]
             delta = F.linear(o.reshape(B, -1), attn.o_proj.weight, attn.o_proj.bias)
             x, residual = self.add_rmsnorm(delta, residual, block.post_attention_layernorm.weight, eps)
             if fused is not None:
