@@ -1,7 +1,9 @@
 """Attention: grouped-query attention (Llama/Qwen2) and Multi-head Latent Attention (DeepSeek-V3).
 
 Both read one `AttentionContext`, built once per forward, that says which keys each query may see:
-- training / full forward without cache: causal (SDPA is_causal), or block-causal for packed sequences;
+- training / full forward without cache: causal (SDPA is_causal), or block-causal for packed sequences,
+  computed as causal SDPA over each document's contiguous run of tokens (`DocumentRuns`), never as a [T, T]
+  mask: SDPA with an arbitrary mask falls back to kernels that materialize the scores, O(T²) memory per row;
 - with a KVCache (prefill and decode): new keys are written at their positions in the sequence's slot and
   each query reads keys at positions <= its own.
 """
@@ -28,7 +30,8 @@ class AttentionContext:
     positions: torch.Tensor
     """[B, T] position of every token in its sequence."""
     mask: torch.Tensor | None = None
-    """[B, 1, T, S] bool, True = may attend; None = plain causal over the T tokens."""
+    """[B, 1, T, S] bool, True = may attend (the cache path); None = causal over the T tokens, or within the
+    document runs of `documents`."""
     cache: KVCache | None = None
     slot_ids: torch.Tensor | None = None
     """[B] cache slot of each row; None = row b uses slot b."""
@@ -37,10 +40,63 @@ class AttentionContext:
     token_mask: torch.Tensor | None = None
     """[B, T] bool, False on the padding of packed batches (doc id -1): MoE layers leave those tokens out of
     their expert loads and balance loss. None = every token is real."""
+    documents: DocumentRuns | None = None
+    """Packed rows without a cache: attention is causal within each document run (see DocumentRuns)."""
 
     @property
     def batch(self) -> int:
         return self.positions.shape[0]
+
+
+@dataclass
+class DocumentRuns:
+    """Where the documents of packed rows [B, T] lie, for block-causal attention without a [T, T] mask.
+
+    Tokens are numbered row-major (flat index b·T + t). A run is a maximal stretch of one doc id within a row;
+    the padding (doc id -1) of a row is a run too, so it attends causally to itself only: its outputs are
+    finite and no real token sees it, as with the mask `doc_ids[q] == doc_ids[k] and k <= q`. Runs of equal
+    length form a group, and one causal SDPA call (batch = the group's runs) serves the whole group.
+    """
+
+    groups: list[tuple[int, int]]
+    """(number of runs, run length) of each group, in `order`."""
+    order: torch.Tensor | None
+    """[B·T] long: the flat token indices group after group, run after run; None when that is the identity
+    (e.g. one document per row, all rows of one length), so no gather is needed."""
+    inverse: torch.Tensor | None
+    """[B·T] long: the inverse permutation of `order` (None with it)."""
+
+    @property
+    def group_tokens(self) -> list[int]:
+        return [count * length for count, length in self.groups]
+
+
+def document_runs(doc_ids: torch.Tensor) -> DocumentRuns:
+    """doc_ids [B, T] (each document one contiguous run of its row, -1 on padding) → its DocumentRuns.
+
+    Reads doc_ids on the CPU (one device sync per forward): the run lengths become Python ints, the shapes
+    of the SDPA calls.
+    """
+    B, T = doc_ids.shape
+    ids = doc_ids.cpu()
+    run_starts = torch.ones(B, T, dtype=torch.bool)
+    run_starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    starts = run_starts.flatten().nonzero().squeeze(1)  # every row's first token starts a run
+    lengths = torch.diff(starts, append=torch.tensor([B * T]))
+    row_doc = torch.stack([starts // T, ids.flatten()[starts]], dim=1)
+    if len(torch.unique(row_doc, dim=0)) != len(starts):
+        raise ValueError("doc_ids: a document (or the padding) of a row is split into several runs; packed "
+                         "documents must be contiguous, with the padding at the end of the row")
+    lengths, by_length = torch.sort(lengths, stable=True)
+    run_lengths, run_counts = torch.unique_consecutive(lengths, return_counts=True)
+    groups = list(zip(run_counts.tolist(), run_lengths.tolist()))
+    if torch.equal(by_length, torch.arange(len(starts))):
+        return DocumentRuns(groups, None, None)
+    first = torch.cumsum(lengths, 0) - lengths  # where each sorted run begins in `order`
+    order = starts[by_length].repeat_interleave(lengths) + torch.arange(B * T) - first.repeat_interleave(lengths)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(B * T)
+    return DocumentRuns(groups, order.to(doc_ids.device), inverse.to(doc_ids.device))
 
 
 def build_context(
@@ -62,19 +118,45 @@ def build_context(
         mask = key_pos.view(1, 1, 1, -1) <= positions[:, None, :, None]
         return AttentionContext(cos, sin, positions, mask, cache, slot_ids, kv_len)
     if doc_ids is not None:
-        T = positions.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()
-        same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
-        return AttentionContext(cos, sin, positions, (causal & same_doc)[:, None], token_mask=doc_ids >= 0)
+        return AttentionContext(cos, sin, positions, token_mask=doc_ids >= 0, documents=document_runs(doc_ids))
     return AttentionContext(cos, sin, positions)
 
 
 def _sdpa(q, k, v, ctx: AttentionContext, scale: float) -> torch.Tensor:
     """q [B, H, T, D], k/v [B, Hkv, S, D*] → [B, H, T, Dv]."""
+    if ctx.documents is not None:
+        return _sdpa_per_document(q, k, v, ctx.documents, scale)
     causal = ctx.mask is None
     if q.shape[1] != k.shape[1]:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=causal, scale=scale, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=causal, scale=scale)
+
+
+def _sdpa_per_document(q, k, v, runs: DocumentRuns, scale: float) -> torch.Tensor:
+    """Block-causal attention of packed rows: q [B, H, T, D], k/v [B, Hkv, T, D*] → [B, H, T, Dv].
+
+    Each run is contiguous, so `is_causal=True` on it is exactly the block-causal mask, and without a mask
+    SDPA may pick its flash / memory-efficient kernels (memory linear in T). Tokens are gathered run-major
+    ([B·T, heads, dim] in runs.order), each group of equal-length runs is one batched SDPA call, and the
+    outputs are put back in row order.
+    """
+    B, T = q.shape[0], q.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+
+    def run_major(x: torch.Tensor) -> torch.Tensor:  # [B, h, T, d] → [B·T, h, d]
+        x = x.transpose(1, 2).flatten(0, 1)
+        return x if runs.order is None else x.index_select(0, runs.order)
+
+    sizes = runs.group_tokens
+    outs = []
+    for qg, kg, vg, (count, length) in zip(*(run_major(x).split(sizes) for x in (q, k, v)), runs.groups):
+        qg, kg, vg = (x.unflatten(0, (count, length)).transpose(1, 2) for x in (qg, kg, vg))  # [count, h, length, d]
+        out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale, enable_gqa=gqa)
+        outs.append(out.transpose(1, 2).flatten(0, 1))
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]  # [B·T, H, Dv], run-major
+    if runs.inverse is not None:
+        out = out.index_select(0, runs.inverse)
+    return out.unflatten(0, (B, T)).transpose(1, 2)
 
 
 class GQAttention(nn.Module):
