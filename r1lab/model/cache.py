@@ -181,9 +181,9 @@ class PagedKVCache:
         self.block_tables[dst] = self.block_tables[src]
         self.block_tables[src] = self.scratch_block
 
-    def clear_rows(self, rows: torch.Tensor) -> None:
-        """Unmap every block of `rows` (their sequences finished or were preempted)."""
-        self.block_tables[rows] = self.scratch_block
+    def clear_row(self, row: int) -> None:
+        """Unmap every block of `row` (its sequence finished or was preempted)."""
+        self.block_tables[row] = self.scratch_block
 
 
 def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:

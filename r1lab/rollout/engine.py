@@ -296,9 +296,10 @@ class Engine:
         request = self.requests.get(request_id)
         if request is None:
             return
-        for seq in request.sequences:
-            if seq.finish_reason is None:
-                self._finish(seq, "abort")
+        with torch.inference_mode():  # paged: freeing rows writes the (inference-mode) block tables
+            for seq in request.sequences:
+                if seq.finish_reason is None:
+                    self._finish(seq, "abort")
 
     def completions(self, request_id: int, forget: bool = True) -> list[Completion]:
         """The n completions of a finished request (forget=True drops the engine's record of it)."""
@@ -629,7 +630,7 @@ class Engine:
         if self.blocks is not None:
             self.blocks.release(seq.blocks)
             seq.blocks = []
-            self.cache.clear_rows(seq.slot)  # an idle row must not write into blocks that others get next
+            self.cache.clear_row(seq.slot)  # an idle row must not write into blocks that others get next
         seq.slot = -1
         self.running -= 1
         self._row_params = None
