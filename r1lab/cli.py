@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 
@@ -106,116 +106,78 @@ def _new_run_dir(out: Optional[Path], kind: str, info, *, resume: bool = False) 
     return Path(path)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def pretrain(
-    ctx: typer.Context,
-    recipe: Optional[Path] = typer.Option(None, help="YAML recipe (e.g. recipes/pretrain-tiny.yaml)."),
-    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/pretrain-<time>); one holding a run is refused."),
-):
-    """Pretrain a base model on the procedural bilingual corpus (r1lab's analog of DeepSeek-V3-Base).
-
-    Extra arguments are dotted overrides, e.g. `device=cuda steps=3000 corpus.p_careful=0.3`.
-    Under `torchrun --nproc-per-node N -m r1lab pretrain ...` it trains sharded (FSDP2, docs/distributed.md)."""
-    from r1lab.config import load_config, to_dict
-    from r1lab.train.pretrain import PretrainConfig, pretrain as run
-    from r1lab.run_dir import RunDir
-
-    cfg = load_config(PretrainConfig, recipe, ctx.args)
-    with _processes(cfg.device) as info:
-        run_dir = RunDir(_new_run_dir(out, "pretrain", info))
-        if info.is_main:
-            run_dir.write_config(to_dict(cfg))
-        path = run(cfg, run_dir, dist=info)
-        if info.is_main:
-            typer.echo(f"wrote {path}")
-
-
 _EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
-@app.command(context_settings=_EXTRA_ARGS)
-def sft(
-    ctx: typer.Context,
-    recipe: Optional[Path] = typer.Option(None, help="YAML recipe with SFTConfig fields."),
-    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/sft-<time>); reuse it to resume."),
-):
-    """Supervised fine-tuning (R1 cold start / stage-3 SFT) on {prompt, completion} or {messages} JSONL.
+def _recipe_command(name: str, kind: str, config: str, runner: str, *, resumable: bool,
+                    wrote: Callable[[Path, Any], Path], doc: str) -> None:
+    """Register `r1lab NAME --recipe R --out DIR key=value...`: load the config class (`module:Class`) from the
+    recipe and dotted overrides, run `runner(cfg, run_dir, dist=info)` (`module:function`) under torchrun or in
+    one process, and print what it wrote. resumable: --out may hold this command's earlier run (the runner
+    resumes it); otherwise a folder holding a run is refused."""
+    config_name = config.rpartition(":")[2]
+    out_help = (f"Run directory (default runs/{kind}-<time>); " +
+                ("reuse it to resume." if resumable else "one holding a run is refused."))
+
+    def command(
+        ctx: typer.Context,
+        recipe: Optional[Path] = typer.Option(None, help=f"YAML recipe with {config_name} fields."),
+        out: Optional[Path] = typer.Option(None, help=out_help),
+    ):
+        from r1lab.config import load_config
+        from r1lab.run_dir import RunDir
+
+        cfg = load_config(_attribute(config), recipe, ctx.args)
+        with _processes(cfg.device) as info:
+            run_dir = _shared_run_dir(out, kind, info) if resumable else _new_run_dir(out, kind, info)
+            result = _attribute(runner)(cfg, RunDir(run_dir), dist=info)
+            if info.is_main:
+                typer.echo(f"wrote {wrote(Path(run_dir), result)}")
+
+    command.__doc__ = doc
+    app.command(name, context_settings=_EXTRA_ARGS)(command)
+
+
+def _attribute(path: str):
+    """`package.module:name` imported when the command runs (the CLI starts without torch-heavy imports)."""
+    import importlib
+
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+_recipe_command("pretrain", "pretrain", "r1lab.train.pretrain:PretrainConfig", "r1lab.train.pretrain:pretrain",
+                resumable=False, wrote=lambda run_dir, path: path, doc="""\
+    Pretrain a base model on the procedural bilingual corpus (r1lab's analog of DeepSeek-V3-Base).
+
+    Extra arguments are dotted overrides, e.g. `device=cuda steps=3000 corpus.p_careful=0.3`.
+    Under `torchrun --nproc-per-node N -m r1lab pretrain ...` it trains sharded (FSDP2, docs/distributed.md).""")
+_recipe_command("sft", "sft", "r1lab.train.sft:SFTConfig", "r1lab.train.sft:train_sft",
+                resumable=True, wrote=lambda run_dir, _: run_dir / "model", doc="""\
+    Supervised fine-tuning (R1 cold start / stage-3 SFT) on {prompt, completion} or {messages} JSONL.
 
     Extra arguments are dotted overrides, e.g. `model=runs/pretrain-x/model data=cold_start.jsonl epochs=2`.
-    Under `torchrun --nproc-per-node N -m r1lab sft ...` it trains sharded (FSDP2, docs/distributed.md)."""
-    from r1lab.config import load_config
-    from r1lab.train.sft import SFTConfig, train_sft
-
-    cfg = load_config(SFTConfig, recipe, ctx.args)
-    with _processes(cfg.device) as info:
-        run_dir = _shared_run_dir(out, "sft", info)
-        train_sft(cfg, run_dir, dist=info)
-        if info.is_main:
-            typer.echo(f"wrote {run_dir / 'model'}")
-
-
-@app.command(context_settings=_EXTRA_ARGS)
-def sample(
-    ctx: typer.Context,
-    recipe: Optional[Path] = typer.Option(None, help="YAML recipe with RejectionConfig fields."),
-    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/sample-<time>); one holding a run is refused."),
-):
-    """Rejection sampling (R1 stage 3): k samples per task prompt, keep correct and clean ones → records.jsonl.
+    Under `torchrun --nproc-per-node N -m r1lab sft ...` it trains sharded (FSDP2, docs/distributed.md).""")
+_recipe_command("sample", "sample", "r1lab.pipeline.rejection:RejectionConfig", "r1lab.pipeline.rejection:run_rejection",
+                resumable=False, wrote=lambda run_dir, path: path, doc="""\
+    Rejection sampling (R1 stage 3): k samples per task prompt, keep correct and clean ones → records.jsonl.
 
     Extra arguments are dotted overrides, e.g. `model=runs/grpo-x/model task=chain_sum size=1000 k=8
-    filters.max_per_prompt=2 filters.language=en`."""
-    from r1lab.config import load_config
-    from r1lab.pipeline.rejection import RejectionConfig, run_rejection
-
-    cfg = load_config(RejectionConfig, recipe, ctx.args)
-    with _processes(cfg.device) as info:
-        path = run_rejection(cfg, _new_run_dir(out, "sample", info), dist=info)
-        if info.is_main:
-            typer.echo(f"wrote {path}")
-
-
-@app.command("rm", context_settings=_EXTRA_ARGS)
-def reward_model(
-    ctx: typer.Context,
-    recipe: Optional[Path] = typer.Option(None, help="YAML recipe with RewardModelConfig fields."),
-    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/rm-<time>); reuse it to resume."),
-):
-    """Train a reward model (Bradley-Terry on {prompt, chosen, rejected}; procedural pairs when data is unset).
+    filters.max_per_prompt=2 filters.language=en instruction="..." stop_strings=[</answer>]`.""")
+_recipe_command("rm", "rm", "r1lab.train.reward_model:RewardModelConfig", "r1lab.train.reward_model:train_reward_model",
+                resumable=True, wrote=lambda run_dir, _: run_dir / "reward_model", doc="""\
+    Train a reward model (Bradley-Terry on {prompt, chosen, rejected}; procedural pairs when data is unset).
 
     Extra arguments are dotted overrides, e.g. `model=runs/sft-x/model data=pairs.jsonl lr=1e-5`.
-    Under `torchrun --nproc-per-node N -m r1lab rm ...` it trains data-parallel (docs/distributed.md)."""
-    from r1lab.config import load_config
-    from r1lab.train.reward_model import RewardModelConfig, train_reward_model
-
-    cfg = load_config(RewardModelConfig, recipe, ctx.args)
-    with _processes(cfg.device) as info:
-        run_dir = _shared_run_dir(out, "rm", info)
-        train_reward_model(cfg, run_dir, dist=info)
-        if info.is_main:
-            typer.echo(f"wrote {run_dir / 'reward_model'}")
-
-
-@app.command(context_settings=_EXTRA_ARGS)
-def distill(
-    ctx: typer.Context,
-    recipe: Optional[Path] = typer.Option(None, help="YAML recipe with DistillConfig fields."),
-    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/distill-<time>); reuse it to resume."),
-):
-    """Distill a teacher's reasoning traces into a dense student of another size or architecture (SFT only).
+    Under `torchrun --nproc-per-node N -m r1lab rm ...` it trains data-parallel (docs/distributed.md).""")
+_recipe_command("distill", "distill", "r1lab.pipeline.distill:DistillConfig", "r1lab.pipeline.distill:distill",
+                resumable=True, wrote=lambda run_dir, result: result.student_path, doc="""\
+    Distill a teacher's reasoning traces into a dense student of another size or architecture (SFT only).
 
     Extra arguments are dotted overrides, e.g. `teacher=runs/r1/model student=tiny-dense
     student_model.model_type=llama records=runs/sample-x/records.jsonl sft.epochs=2`.
     Under `torchrun --nproc-per-node N -m r1lab distill ...` every rank samples its share of the prompts and
-    the student trains sharded (docs/distributed.md)."""
-    from r1lab.config import load_config
-    from r1lab.pipeline.distill import DistillConfig
-    from r1lab.pipeline.distill import distill as run
-
-    cfg = load_config(DistillConfig, recipe, ctx.args)
-    with _processes(cfg.device) as info:
-        result = run(cfg, _shared_run_dir(out, "distill", info), dist=info)
-        if info.is_main:
-            typer.echo(f"wrote {result.student_path}")
+    the student trains sharded (docs/distributed.md).""")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

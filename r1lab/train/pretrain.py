@@ -76,7 +76,8 @@ def pack_rows(docs: list[str], tok: Tokenizer, seq_len: int, seed: int) -> torch
 
 
 def pretrain(cfg: PretrainConfig, run_dir: RunDir, log=print, dist: D.DistInfo | None = None) -> Path:
-    """Train the base model; write it (with its tokenizer) to run_dir/model and metrics to metrics.jsonl.
+    """Train the base model; write it (with its tokenizer) to run_dir/model, metrics to metrics.jsonl and the
+    resolved config to config.yaml.
 
     dist (from distributed.init_distributed() under torchrun): data-parallel with FSDP2. Every rank builds
     the same tokenizer and rows (seeded; checked identical), draws the same global batch of batch_size rows
@@ -85,6 +86,8 @@ def pretrain(cfg: PretrainConfig, run_dir: RunDir, log=print, dist: D.DistInfo |
     info = dist or D.single_process(cfg.device)
     main = info.is_main
     log = D.rank0_log(log, info)
+    if main:
+        run_dir.write_config(cfg)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     tok = build_tokenizer(cfg)
