@@ -19,6 +19,7 @@ from triton_interpreter import run_interpreted
 
 from r1lab.model import KVCache
 from r1lab.model.cache import PagedKVCache
+import r1lab.rollout as rollout
 from r1lab.rollout import Engine, SamplingParams
 from r1lab.rollout.blocks import BlockManager
 
@@ -165,6 +166,18 @@ def test_siblings_share_the_prompts_full_blocks(dense):
     assert _tokens(shared) == _tokens(alone) and len({tuple(t) for t in _tokens(shared)}) == n
 
 
+def test_generate_builds_and_reuses_a_paged_engine(dense):
+    rollout.release_engines()
+    params = SamplingParams(temperature=0, max_new_tokens=6, n=2, stop_token_ids=[])
+    first = rollout.generate(dense, _prompts([7, 3]), params, paged=True)
+    engine = rollout._engines[id(dense)]
+    assert engine.blocks is not None and engine.max_len == dense.args.max_position_embeddings
+    again = rollout.generate(dense, _prompts([7, 3]), params, paged=True)
+    assert rollout._engines[id(dense)] is engine and _tokens(again) == _tokens(first)
+    assert _tokens(first) == _tokens(rollout.generate(dense, _prompts([7, 3]), params))  # a slotted engine
+    rollout.release_engines()
+
+
 # ----------------------------------------------------------------------------- preemption
 @pytest.mark.parametrize("preset,lookahead", [("tiny-dense", 0), ("tiny-dense", 1), ("tiny-moe", 0)])
 def test_preemption_changes_no_token(dense, moe, preset, lookahead):
@@ -232,9 +245,10 @@ def test_bad_paged_requests_raise_one_line_errors(dense):
     assert not engine.has_unfinished()
     with pytest.raises(ValueError, match="cannot hold one block"):
         Engine(dense, paged=True, kv_cache_bytes=100)
-    sized = Engine(dense, paged=True, block_size=8, kv_cache_bytes=64 * 8 * KVCache.bytes_per_token(dense.args,
-                                                                                                   torch.float32))
-    assert sized.blocks.num_blocks == 63 and sized.num_slots == 16 and sized.max_len == dense.args.max_position_embeddings
+    block_bytes = 8 * KVCache.bytes_per_token(dense.args, torch.float32)
+    sized = Engine(dense, paged=True, block_size=8, kv_cache_bytes=64 * block_bytes)  # 63 blocks + the scratch one
+    assert sized.blocks.num_blocks == 63 and sized.num_slots == 16
+    assert sized.max_len == dense.args.max_position_embeddings
 
 
 # ----------------------------------------------------------------------------- Triton kernels, interpreter on CPU
@@ -310,3 +324,61 @@ def test_long_rollout_benchmark_runs_tiny(capsys):
     slotted = next(r for r in results["runs"] if r["cache"] == "slotted")
     assert paged["tokens"] == slotted["tokens"]  # same seeded samples, whatever the cache
     assert paged["mean_concurrency"] > slotted["mean_concurrency"]
+
+
+# ----------------------------------------------------------------------------- GPU (run with -m gpu)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
+def test_cuda_paged_graph_decode_with_preemption_matches_slotted(preset):
+    """fp32 on the GPU, CUDA graphs, lookahead 1, Triton fused decode over block tables (dense), a pool small
+    enough to preempt: the slotted engine's tokens, and greedy = the argmax of full forwards."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = _model(preset).cuda()
+    prompts = _prompts([5, 2, 9, 14, 1, 7, 11, 3, 30, 6])
+    for params in (SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=STOPS),
+                   SamplingParams(temperature=1.0, max_new_tokens=20, n=3, stop_token_ids=STOPS, seed=2)):
+        slotted = Engine(model, num_slots=8, max_len=64).generate(prompts, params)
+        engine = Engine(model, num_slots=8, max_len=64, paged=True, block_size=4, num_blocks=16)
+        out = engine.generate(prompts, params)
+        assert engine.graphs.captures > 0 and not engine.graphs.failed, engine.graphs.failed
+        if preset == "tiny-dense":
+            assert engine.fast.uses_triton and engine.fast.attention_kernel and engine.fast.attention_error is None
+        assert engine.stats.preemptions > 0 and engine.blocks.in_use == 0
+        assert _tokens(out) == _tokens(slotted)
+        if params.temperature == 0:
+            assert_greedy_is_full_forward_argmax(model, prompts, out, logprob_atol=1e-4)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(14, 2, 64, 16), (12, 2, 128, 16), (4, 2, 16, 8)])
+def test_paged_decode_attention_kernel_bf16_in_a_cuda_graph(heads, kv_heads, head_dim, block_size):
+    """The captured kernel follows block tables and lengths rewritten in place between replays."""
+    pytest.importorskip("triton")
+    from r1lab.rollout import decode_attention as da
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    B, kv_len = 256, 640
+    per_row = kv_len // block_size
+    blocks = B * per_row + 7
+    cache = torch.randn(2, blocks, block_size, kv_heads, head_dim, generator=gen, device="cuda").bfloat16()
+    q = torch.randn(B, heads, head_dim, generator=gen, device="cuda").bfloat16()
+    lengths = torch.full((B,), kv_len, dtype=torch.int32, device="cuda")
+    tables = torch.zeros(B, per_row, dtype=torch.int32, device="cuda")
+    work = da.Workspace(B, heads, kv_heads, head_dim, kv_len, q.device)
+    out = da.decode_attention_triton(q, cache, lengths, head_dim**-0.5, work, tables)  # compile outside
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = da.decode_attention_triton(q, cache, lengths, head_dim**-0.5, work, tables)
+    for trial in range(3):
+        tables.copy_(torch.randperm(blocks, generator=gen, device="cuda")[: B * per_row].view(B, per_row))
+        lengths.copy_(torch.randint(1, kv_len + 1, (B,), generator=gen, device="cuda"))
+        lengths[0], lengths[1] = 1, kv_len
+        graph.replay()
+        dense = cache[:, tables.long()].flatten(2, 3)  # [2, B, kv_len, Hkv, D]
+        ref = da.decode_attention_reference(q, dense, lengths, head_dim**-0.5)
+        assert (out.float() - ref.float()).abs().max() < 2e-2, trial

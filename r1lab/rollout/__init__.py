@@ -1,4 +1,4 @@
-"""The rollout engine: generation from token ids with a slotted KV cache, continuous batching, sampling.
+"""The rollout engine: generation from token ids with a slotted or paged KV cache, continuous batching, sampling.
 
     from r1lab.rollout import SamplingParams, generate
     completions = generate(model, [[1, 2, 3], [4, 5]], SamplingParams(temperature=1.0, max_new_tokens=64, n=4))
@@ -25,7 +25,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, engine:
     """Sample params.n completions of every prompt; returns len(prompts) * n completions, prompt-major.
 
     Without `engine`, reuses the model's cached engine when its cache is long and wide enough, else builds
-    one sized for this call (engine_options go to Engine, e.g. num_slots, kv_cache_bytes, cuda_graphs).
+    one sized for this call (engine_options go to Engine, e.g. num_slots, kv_cache_bytes, cuda_graphs, paged).
     """
     if not prompts:
         return []
@@ -38,13 +38,16 @@ def _engine_for(model, prompts, params: SamplingParams, options: dict) -> Engine
     longest = max(len(p) for p in prompts) + params.max_new_tokens
     weight = model.lm_head.weight
     wanted_slots = min(len(prompts) * params.n, 512 if weight.is_cuda else 64)
+    paged = options.get("paged", False)
     engine = _engines.get(id(model))
     if (engine is not None and engine.model is model and engine.options == options and engine.max_len >= longest
-            and engine.num_slots >= wanted_slots and engine.device == weight.device):
+            and (paged or engine.num_slots >= wanted_slots) and engine.device == weight.device):
         return engine
     release_engines()  # free the old cache before allocating the new one
     sized = dict(options)
-    if "num_slots" not in sized and "kv_cache_bytes" not in sized:
+    if paged:  # rows and blocks: the Engine's defaults; max_len only bounds one sequence
+        sized.setdefault("max_len", max(longest, model.args.max_position_embeddings))
+    elif "num_slots" not in sized and "kv_cache_bytes" not in sized:
         sized.setdefault("max_len", -(-longest // 64) * 64)
         sized["num_slots"] = wanted_slots
         if weight.is_cuda:  # never take more than half the free memory for the cache

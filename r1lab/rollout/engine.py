@@ -390,7 +390,8 @@ class Engine:
             # a running sibling's first len-1 positions are the prompt's K/V (it only writes past them)
             donor = donors.get(req.request_id) or next(
                 (s for s in req.sequences if s.slot >= 0 and s.finish_reason is None), None)
-            if self.blocks is not None and not self._take_blocks(seq, donor, headroom=int(bool(self.running or admitted))):
+            headroom = 1 if self.running or admitted else 0  # an empty engine admits anything that fits the pool
+            if self.blocks is not None and not self._take_blocks(seq, donor, headroom):
                 break
             self.waiting.popleft()
             seq.slot = heapq.heappop(self.free_slots)
