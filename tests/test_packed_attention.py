@@ -67,7 +67,8 @@ def _dense_mask_context(model):
         if doc_ids is None:
             return ctx
         T = positions.shape[1]
-        mask = torch.ones(T, T, dtype=torch.bool).tril() & (doc_ids[:, :, None] == doc_ids[:, None, :])
+        mask = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()
+        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
         return dataclasses.replace(ctx, mask=mask[:, None], token_mask=doc_ids >= 0)
 
     return context
