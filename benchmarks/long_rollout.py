@@ -11,8 +11,9 @@ len_capped = the share that hit the cap).
 
 Both caches get the same --kv-gib. Slotted: every slot has 200 + max_new_tokens positions, so the budget fixes
 the concurrent sequences at budget / slot size (at most 512), whatever their actual lengths. Paged: the budget
-becomes blocks of --block-size positions; up to --rows sequences decode at once, each holding the blocks it
-has filled; when the pool runs out the newest are preempted and recomputed later.
+becomes blocks of --block-size positions; up to --rows sequences (default: all of them, at most 512, as many
+as the slotted engine may have) decode at once, each holding the blocks it has filled; when the pool runs out
+the newest are preempted and recomputed later.
 
 Printed (stdout, JSON; progress goes to stderr): per (cache, max_new_tokens) tokens, seconds, tok_per_s,
 mean_concurrency (sequences decoded per step: generated tokens / decode steps), mean_batch (decode rows per
@@ -49,7 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, nargs="+", default=[1024, 8192, 32768])
     parser.add_argument("--cache", nargs="+", choices=["paged", "slotted"], default=["paged", "slotted"])
     parser.add_argument("--kv-gib", type=float, help="KV cache budget of each engine (default 20; tiny: 4 slots)")
-    parser.add_argument("--rows", type=int, help="paged: most sequences decoded at once (default: the Engine's)")
+    parser.add_argument("--rows", type=int,
+                        help="paged: most sequences decoded at once (default: every sample, at most 512)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--samples", type=int, default=16)
@@ -63,6 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         opts.prompts, opts.samples, opts.prompt_len = 4, 4, 20
         opts.mean_length = min(opts.mean_length, 12)
         opts.block_size = min(opts.block_size, 4)
+    opts.rows = opts.rows or min(opts.prompts * opts.samples, 512)
     return opts
 
 

@@ -399,8 +399,9 @@ class Engine:
             self._admissions += 1
             seq.admitted_at = self._admissions
             admitted.append(seq)
+            # later siblings in this round copy from the same donor, never from one whose copy is still pending
+            donors[req.request_id] = donor or seq
             if donor is None:
-                donors[req.request_id] = seq
                 start = 0
             else:
                 copies.append((donor, seq))
