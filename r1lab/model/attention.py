@@ -241,8 +241,9 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_rope.expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)
         qk_dim = q.shape[-1]
-        if q.is_cuda and self.v_dim != qk_dim:
-            # Flash attention wants one head dim for q, k and v: pad v, then drop the padding.
+        if self.v_dim != qk_dim:
+            # Flash attention (CUDA's and the CPU's) wants one head dim for q, k and v: pad v, then drop the
+            # padding. Otherwise SDPA falls back to the math kernel, which builds [H, n, n] scores per document.
             out = _sdpa(q, k, F.pad(v, (0, qk_dim - self.v_dim)), ctx, self.scale)[..., : self.v_dim]
         else:
             out = _sdpa(q, k, v, ctx, self.scale)
