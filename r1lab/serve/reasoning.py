@@ -5,7 +5,8 @@
 1. Prompt side, `render_chat_prompt`: turn chat messages into prompt text that ends inside an open
    `<think>` block. DeepSeek's usage notes say to force the response to start with "<think>\\n" because the
    released models sometimes skip thinking; the forced prefix then belongs to the prompt, and the generated
-   text starts inside the thought.
+   text starts inside the thought. With `tools` (function calling) the conversation goes through the
+   model's chat template with `tools=`, or, for a tokenizer without a template of its own, `hermes_chatml`.
 2. Completion side, `ReasoningSplitter` / `split_reasoning`: cut generated text into `reasoning_content`
    (the inside of `<think>...</think>`) and `content` (what follows `</think>`), either at once or
    incrementally over streamed chunks, where a tag may arrive split across chunks ("</th" + "ink>").
@@ -26,11 +27,14 @@ Decisions (documented because API clients depend on them):
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+# Hermes / Qwen2.5 function calling: a call is a JSON object between these tags (see tools.py)
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 
 # What a prompt appends to open the think block. Chat-format R1 models are told "<think>\n" (DeepSeek's
 # advice); the R1-Zero template's documents read "Assistant: <think> ...", so there the prefix is " <think>".
@@ -45,7 +49,11 @@ __all__ = [
     "ReasoningSplitter",
     "StopStringFilter",
     "RenderedPrompt",
+    "TOOL_CALL_CLOSE",
+    "TOOL_CALL_OPEN",
     "choose_template",
+    "hermes_chatml",
+    "uses_tools",
     "render_chat_prompt",
     "split_reasoning",
 ]
@@ -279,18 +287,79 @@ class RenderedPrompt:
     """"chat" or "r1_zero"."""
 
 
-def choose_template(tokenizer: Any, template: str = "auto") -> str:
+def choose_template(tokenizer: Any, template: str = "auto", *, with_tools: bool = False) -> str:
     """"chat" or "r1_zero" for `template` = "auto" | "chat" | "r1_zero".
 
     auto: "chat" when the tokenizer carries a chat template of its own (a real instruct / R1-distill model),
     "r1_zero" when it has none or only r1lab's built-in ChatML fallback (r1lab's own base models, trained on
-    R1-Zero-template documents, never saw ChatML).
+    R1-Zero-template documents, never saw ChatML). `with_tools` (the conversation has tools, tool calls or
+    tool results, see `uses_tools`): always "chat", since the R1-Zero format has no place for them;
+    ValueError for an explicit "r1_zero".
     """
-    if template in ("chat", "r1_zero"):
-        return template
-    if template != "auto":
+    if template not in ("auto", "chat", "r1_zero"):
         raise ValueError(f"template must be 'auto', 'chat' or 'r1_zero', got {template!r}")
+    if with_tools:
+        if template == "r1_zero":
+            raise ValueError("tools need a chat template; the R1-Zero format has no place for them")
+        return "chat"
+    if template != "auto":
+        return template
     return "chat" if getattr(tokenizer, "has_own_chat_template", False) else "r1_zero"
+
+
+def uses_tools(messages: Sequence[dict], tools: Sequence[dict] | None) -> bool:
+    """Whether the conversation involves function calling: tools offered, or tool calls / tool results in
+    the history."""
+    return bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+
+
+# What hermes_chatml puts in the system turn when tools are offered: Qwen2.5's wording, so a model tuned on
+# Qwen's template (most Hermes-style function-calling models) sees the instructions it was trained with.
+_HERMES_TOOLS_HEADER = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+_HERMES_TOOLS_FOOTER = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    f"{TOOL_CALL_OPEN}{TOOL_CALL_CLOSE} XML tags:\n{TOOL_CALL_OPEN}\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n' + TOOL_CALL_CLOSE)
+
+
+def hermes_chatml(messages: Sequence[dict], tools: Sequence[dict] | None = None) -> str:
+    """ChatML with Hermes-style function calling, the chat format for a tokenizer without a template of its
+    own (r1lab's built-in CHATML_TEMPLATE knows no tools). The same text as Qwen2.5's template, less Qwen's
+    default system prompt; without tools and tool messages, exactly what CHATML_TEMPLATE renders:
+
+    * tools (OpenAI's [{"type": "function", "function": {...}}]) are listed, one JSON object a line, in a
+      system turn after the first system message's text, with the instruction to answer calls as
+      `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`;
+    * an assistant turn with `tool_calls` (arguments as objects) writes them as those blocks after its text;
+    * consecutive `tool` messages become one user turn of `<tool_response>\\n{content}\\n</tool_response>`
+      parts;
+    * the prompt ends with the assistant's opening `<|im_start|>assistant\\n`.
+    """
+    parts, rest = [], list(messages)
+    if tools:
+        system = rest.pop(0)["content"] + "\n\n" if rest and rest[0]["role"] == "system" else ""
+        listed = "".join("\n" + json.dumps(tool, ensure_ascii=False) for tool in tools)
+        parts.append(f"<|im_start|>system\n{system}{_HERMES_TOOLS_HEADER}{listed}{_HERMES_TOOLS_FOOTER}<|im_end|>\n")
+    for i, message in enumerate(rest):
+        role, content = message["role"], message["content"]
+        if role == "tool":
+            if i == 0 or rest[i - 1]["role"] != "tool":
+                parts.append("<|im_start|>user")
+            parts.append(f"\n<tool_response>\n{content}\n</tool_response>")
+            if i == len(rest) - 1 or rest[i + 1]["role"] != "tool":
+                parts.append("<|im_end|>\n")
+        elif message.get("tool_calls"):
+            parts.append(f"<|im_start|>{role}" + ("\n" + content if content else ""))
+            for call in message["tool_calls"]:
+                written = {"name": call["function"]["name"], "arguments": call["function"]["arguments"]}
+                parts.append(f"\n{TOOL_CALL_OPEN}\n{json.dumps(written, ensure_ascii=False)}\n{TOOL_CALL_CLOSE}")
+            parts.append("<|im_end|>\n")
+        else:
+            parts.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
+    parts.append("<|im_start|>assistant\n")
+    return "".join(parts)
 
 
 def _r1_zero_conversation(messages: Sequence[dict]) -> str:
@@ -324,19 +393,33 @@ def _knows_think_tag(tokenizer: Any) -> bool:
 
 
 def render_chat_prompt(tokenizer: Any, messages: Sequence[dict], *, template: str = "auto",
-                       force_think: bool = True) -> RenderedPrompt:
+                       force_think: bool = True, tools: Sequence[dict] | None = None) -> RenderedPrompt:
     """Prompt text for a conversation (`messages`: {"role", "content": str}, roles system / developer /
-    user / assistant; assistant turns hold only the final answers, since DeepSeek advises dropping earlier
-    reasoning from the history).
+    user / assistant / tool; assistant turns hold only the final answers, since DeepSeek advises dropping
+    earlier reasoning from the history, plus "tool_calls" ([{"id", "type": "function", "function": {"name",
+    "arguments": dict}}]) when they called functions; tool turns also carry "tool_call_id").
+
+    `tools` (OpenAI's [{"type": "function", "function": {"name", "description", "parameters"}}]) reach the
+    model's chat template as its `tools` variable, the way transformers passes them; a tokenizer with no
+    template of its own renders `hermes_chatml`. Function calling always takes the chat format (see
+    `choose_template`).
 
     With `force_think` the prompt ends with an open think block (unless the chat template already ends
     with one, as the newer R1-distill templates do) and the result says `starts_in_think`. A tokenizer
     without a `<think>` token belongs to a model that was never taught to think in tags: nothing is forced.
     """
-    chosen = choose_template(tokenizer, template)
+    with_tools = uses_tools(messages, tools)
+    chosen = choose_template(tokenizer, template, with_tools=with_tools)
     force_think = force_think and _knows_think_tag(tokenizer)
     if chosen == "chat":
-        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+        if not with_tools:
+            text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+        elif getattr(tokenizer, "has_own_chat_template", False):
+            # tools=None when only the history has calls, as transformers passes it (templates test `tools is not none`)
+            text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
+                                                 tools=list(tools) if tools else None)
+        else:
+            text = hermes_chatml(messages, tools)
         prefix = CHAT_THINK_PREFIX
     else:
         text = _r1_zero_conversation(messages)

@@ -3,7 +3,10 @@
 Endpoints: POST /v1/chat/completions, POST /v1/completions (streaming SSE or not), GET /v1/models,
 GET /health. Chat responses carry `message.reasoning_content` (the inside of <think>...</think>) beside
 `message.content` (the answer), in streaming as `delta.reasoning_content` / `delta.content`, the way
-DeepSeek's API does; see `reasoning.py` for the exact splitting rules.
+DeepSeek's API does; see `reasoning.py` for the exact splitting rules. Function calling: a chat request's
+`tools` reach the model's chat template, and the `<tool_call>` blocks of its answer come back as
+`message.tool_calls` (streaming: `delta.tool_calls`, each call whole) with finish_reason "tool_calls";
+see `tools.py` for the parsing rules.
 
 Concurrency: one `EngineWorker` thread (worker.py) owns the rollout `Engine` and is the only code that touches it.
 Request handlers (asyncio) put commands on its queue; it runs `engine.step()` in a loop while there is
@@ -51,6 +54,8 @@ try:
 except ModuleNotFoundError as missing:
     raise ModuleNotFoundError(f"{_EXTRA} ({missing})", name=missing.name) from None
 
+import jinja2
+
 from r1lab.rollout import SamplingParams
 
 from .reasoning import (
@@ -58,10 +63,13 @@ from .reasoning import (
     ReasoningSplitter,
     StopStringFilter,
     render_chat_prompt,
+    uses_tools,
 )
+from .tools import ToolCall, ToolCallParser
 from .validation import (
     RequestError,
     Sampling,
+    Tools,
     body_too_large,
     chars_per_token_bound,
     check_model,
@@ -71,6 +79,7 @@ from .validation import (
     parse_json_body,
     parse_messages,
     parse_sampling,
+    parse_tools,
     token_budget,
 )
 from .worker import (
@@ -131,13 +140,16 @@ class ServerConfig:
 
 class ChoiceStream:
     """Tokens of one choice → (reasoning delta, content delta) with stop strings applied. With a splitter
-    (chat) text goes to reasoning/content; without one (completions) everything is content."""
+    (chat) text goes to reasoning/content; without one (completions) everything is content. With a
+    tool-call parser the content's <tool_call> blocks are taken out of it and collected in `tool_calls`."""
 
-    def __init__(self, tokenizer: Any, stop_ids: set[int], stops: list[str], splitter: ReasoningSplitter | None):
+    def __init__(self, tokenizer: Any, stop_ids: set[int], stops: list[str], splitter: ReasoningSplitter | None,
+                 tool_parser: ToolCallParser | None = None):
         self.detokenizer = IncrementalDetokenizer(tokenizer)
         self.stop_ids = stop_ids
         self.stops = StopStringFilter(stops)
         self.splitter = splitter
+        self.tool_parser = tool_parser
         self.tokens = 0
         self.finish_reason: str | None = None
         self.reasoning: list[str] = []
@@ -164,11 +176,29 @@ class ChoiceStream:
                 delta.reasoning += last.reasoning
                 delta.content += last.content
             reasoning, content = delta.reasoning, delta.content
+        if self.tool_parser is not None:
+            content = self.tool_parser.feed(content, final=finished)
         if finished:
-            self.finish_reason = "length" if reason == "length" else "stop"
+            # a truncated answer stays "length" even with calls: the client should know it was cut
+            self.finish_reason = "length" if reason == "length" else "tool_calls" if self.tool_calls else "stop"
         self.reasoning.append(reasoning)
         self.content.append(content)
         return reasoning, content
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """The calls parsed so far, in the order written."""
+        return self.tool_parser.calls if self.tool_parser is not None else []
+
+    def message(self) -> dict:
+        """The finished choice as a chat.completion `message`."""
+        content = "".join(self.content)
+        message = {"role": "assistant", "content": content,
+                   "reasoning_content": "".join(self.reasoning) if self.splitter.saw_reasoning else None}
+        if self.tool_calls:
+            message["content"] = content or None  # OpenAI's null content beside tool calls
+            message["tool_calls"] = [call.as_openai() for call in self.tool_calls]
+        return message
 
     def push_many(self, pushes: Sequence[tuple[list[int], bool, str | None]]) -> tuple[str, str]:
         """Several deliveries' (token_ids, finished, finish_reason) at once, as one push of all their tokens.
@@ -235,21 +265,31 @@ class _Server:
         self._outbox: _Outbox | None = None  # the worker → event loop hand-off (one per loop)
 
     # -- request → prompts (on a thread: see read_prepared) -----------------------------------------------------
-    def prepare_chat(self, raw: bytes) -> tuple[Sampling, Any, list[int], int]:
-        """A chat request's body → (sampling, rendered prompt, prompt ids, max_new_tokens)."""
+    def prepare_chat(self, raw: bytes) -> tuple[Sampling, Any, list[int], int, Tools]:
+        """A chat request's body → (sampling, rendered prompt, prompt ids, max_new_tokens, tools)."""
         config = self.config
         body = parse_json_body(raw)
         check_model(body, config.model_name)
         messages = parse_messages(body.get("messages"))
+        tools = parse_tools(body)
         sampling = parse_sampling(body, config, self.limit)
-        rendered = render_chat_prompt(self.tokenizer, messages, template=config.template,
-                                      force_think=config.force_think)
+        if config.template == "r1_zero" and uses_tools(messages, tools.definitions):
+            raise RequestError("function calling needs a chat template, and this server renders R1-Zero prompts "
+                               "(ServerConfig.template='r1_zero')", param="tools" if tools.definitions else "messages")
+        try:
+            rendered = render_chat_prompt(self.tokenizer, messages, template=config.template,
+                                          force_think=config.force_think, tools=tools.definitions)
+        except jinja2.TemplateError as error:
+            # templates refuse conversations they cannot write (raise_exception), e.g. a tool message to a
+            # model without function calling: the request's fault, not the server's
+            raise RequestError(f"the model's chat template refused these messages: {error}",
+                               param="messages") from None
         check_prompt_chars(len(rendered.text), self.chars_per_token, max_model_len=self.max_model_len,
                            param="messages")
         [prompt] = encode(self.tokenizer, [rendered.text], chat=rendered.template == "chat")
         budget = token_budget(len(prompt), sampling, max_model_len=self.max_model_len, limit=self.limit,
                               param="messages", default=None)
-        return sampling, rendered, prompt, budget
+        return sampling, rendered, prompt, budget, tools
 
     def prepare_completions(self, raw: bytes) -> tuple[Sampling, list[list[int]], list[int]]:
         """A completions request's body → (sampling, prompt ids, max_new_tokens of each prompt)."""
@@ -360,6 +400,12 @@ def _delta(reasoning: str, content: str) -> str:
     return '"delta": {"reasoning_content": ' + _json_text(reasoning) + ', "content": ' + _json_text(content) + "}"
 
 
+def _tool_call_delta(position: int, call: ToolCall) -> str:
+    """The `"delta": {...}` member of a chat chunk carrying one whole call; `position`: the call's number in
+    its choice (OpenAI's `index`, by which clients join a call's pieces; here there is one piece)."""
+    return '"delta": {"tool_calls": ' + json.dumps([{"index": position, **call.as_openai()}], ensure_ascii=False) + "}"
+
+
 class _ChunkFormat:
     """SSE events of one streamed response, `data: {head..., "object": kind, "choices": [{"index": i, <body>,
     "logprobs": null, "finish_reason": ...}](, "usage": null)}`: the same JSON as json.dumps of that dict,
@@ -446,9 +492,10 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "r1lab", max_mod
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        sampling, rendered, prompt, budget = await read_prepared(request, server.prepare_chat)
+        sampling, rendered, prompt, budget, tools = await read_prepared(request, server.prepare_chat)
         choices = [ChoiceStream(tokenizer, set(server.stop_ids), sampling.stop,
-                                ReasoningSplitter(starts_in_think=rendered.starts_in_think))
+                                ReasoningSplitter(starts_in_think=rendered.starts_in_think),
+                                ToolCallParser(tools.names) if tools.parses_calls else None)
                    for _ in range(sampling.n)]
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": config.model_name}
         submission = server.submit([prompt], sampling, [budget])
@@ -456,10 +503,8 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "r1lab", max_mod
             return _stream(request, submission, choices, sampling, head, len(prompt), chat=True)
         await _collect(request, submission, choices)
         return {**head, "object": "chat.completion", "choices": [
-            {"index": i, "message": {"role": "assistant", "content": "".join(c.content),
-                                     "reasoning_content": "".join(c.reasoning) if c.splitter.saw_reasoning else None},
-             "logprobs": None, "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
-            "usage": _usage(len(prompt), choices)}
+            {"index": i, "message": c.message(), "logprobs": None, "finish_reason": c.finish_reason}
+            for i, c in enumerate(choices)], "usage": _usage(len(prompt), choices)}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -516,6 +561,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "r1lab", max_mod
 
         async def events() -> AsyncIterator[str]:
             # One write per batch of deliveries: the SSE events of every choice that advanced, joined.
+            calls_sent = [0] * len(choices)
             try:
                 if chat:
                     yield "".join(sse.chunk(i, _ROLE_DELTA) for i in range(len(choices)))
@@ -526,6 +572,10 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "r1lab", max_mod
                         if chat:
                             if reasoning or content:
                                 out.append(sse.chunk(index, _delta(reasoning, content)))
+                            calls = choices[index].tool_calls
+                            for position in range(calls_sent[index], len(calls)):
+                                out.append(sse.chunk(index, _tool_call_delta(position, calls[position])))
+                            calls_sent[index] = len(calls)
                             if finish_reason is not None:
                                 out.append(sse.chunk(index, _EMPTY_DELTA, finish_reason))
                         elif content or finish_reason is not None:

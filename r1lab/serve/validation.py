@@ -2,9 +2,9 @@
 the error it gets when it fails one, shaped like OpenAI's ({"error": {"message", "type", "param", "code"}},
 status 400 unless said otherwise).
 
-Pure Python (no FastAPI), so the rules can be read, and tested, without a server: `parse_messages` and
-`parse_sampling` read the JSON body; `check_model`, `completion_prompts` and `token_budget` check it against
-what the served model allows (its name, vocabulary and context length).
+Pure Python (no FastAPI), so the rules can be read, and tested, without a server: `parse_messages`,
+`parse_tools` and `parse_sampling` read the JSON body; `check_model`, `completion_prompts` and `token_budget`
+check it against what the served model allows (its name, vocabulary and context length).
 
 Hostile sizes are refused before they cost anything: the body's size is capped while it is read
 (`body_too_large`, 413), JSON nested too deeply for the parser is a 400 (`parse_json_body`), and a prompt with
@@ -15,6 +15,7 @@ with the bound from `chars_per_token_bound`).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,8 @@ if TYPE_CHECKING:
     from .server import ServerConfig
 
 __all__ = ["RequestError", "Sampling", "body_too_large", "chars_per_token_bound", "check_model", "check_prompt_chars",
-           "completion_prompts", "encode", "parse_json_body", "parse_messages", "parse_sampling", "token_budget"]
+           "completion_prompts", "encode", "parse_json_body", "parse_messages", "parse_sampling", "parse_tools",
+           "token_budget", "Tools"]
 
 
 class RequestError(Exception):
@@ -69,7 +71,7 @@ def check_model(body: dict, served: str) -> None:
                            param="model", code="model_not_found", status=404)
 
 
-_CHAT_ROLES = ("system", "developer", "user", "assistant")
+_CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 def _is_int(value: Any) -> bool:
@@ -95,7 +97,44 @@ def _text_content(content: Any, param: str) -> str:
     raise RequestError(f"{param} must be a string or a list of text parts", param=param)
 
 
+def _arguments_object(value: Any, param: str) -> dict:
+    """A tool call's `arguments` (JSON text of an object, as OpenAI sends them) as the object itself: chat
+    templates write it into the prompt with `tojson`, and transformers' convention is a dict there (a string
+    would be written as a quoted, escaped string)."""
+    try:
+        arguments = json.loads(value) if isinstance(value, str) else None
+    except (json.JSONDecodeError, RecursionError):
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise RequestError(f"{param} must be a string holding a JSON object, got {value!r:.80}", param=param)
+    return arguments
+
+
+def _tool_calls(value: Any, param: str) -> list[dict]:
+    """An assistant message's `tool_calls` → [{"id", "type": "function", "function": {"name", "arguments":
+    dict}}] (the shape chat templates expect)."""
+    if not isinstance(value, list):
+        raise RequestError(f"{param} must be a list of tool calls", param=param)
+    calls = []
+    for j, call in enumerate(value):
+        where = f"{param}[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or call.get("type", "function") != "function":
+            raise RequestError(f"{where} must be {{'id': ..., 'type': 'function', 'function': {{'name': ..., "
+                               "'arguments': ...}}}}", param=where)
+        if not isinstance(call.get("id"), str):
+            raise RequestError(f"{where}.id must be a string", param=f"{where}.id")
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise RequestError(f"{where}.function.name must be a non-empty string", param=f"{where}.function.name")
+        calls.append({"id": call["id"], "type": "function", "function": {
+            "name": function["name"],
+            "arguments": _arguments_object(function.get("arguments"), f"{where}.function.arguments")}})
+    return calls
+
+
 def parse_messages(value: Any) -> list[dict]:
+    """`messages` → [{"role", "content": str}], plus "tool_calls" on an assistant message that made calls
+    (see `_tool_calls`) and "tool_call_id" on a tool message."""
     if value is None:
         raise RequestError("you must provide a 'messages' parameter", param="messages",
                            code="missing_required_parameter")
@@ -112,10 +151,91 @@ def parse_messages(value: Any) -> list[dict]:
         content = message.get("content")
         if content is None and role == "assistant":
             content = ""
-        messages.append({"role": role, "content": _text_content(content, f"messages[{i}].content")})
+        parsed = {"role": role, "content": _text_content(content, f"messages[{i}].content")}
+        if role == "assistant" and message.get("tool_calls"):
+            parsed["tool_calls"] = _tool_calls(message["tool_calls"], f"messages[{i}].tool_calls")
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise RequestError(f"messages[{i}].tool_call_id must be the id of the tool call this message "
+                                   "answers", param=f"messages[{i}].tool_call_id")
+            parsed["tool_call_id"] = call_id
+        messages.append(parsed)
     if not any(m["role"] == "user" for m in messages):
         raise RequestError("'messages' must contain at least one user message", param="messages")
     return messages
+
+
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+
+
+@dataclass
+class Tools:
+    """A chat request's function-calling fields, validated."""
+
+    definitions: list[dict]
+    """`tools` as chat templates receive them: [{"type": "function", "function": {"name", "description"?,
+    "parameters"?}}] ([] when none)."""
+    choice: str
+    """`tool_choice`: "auto" (the model decides; calls are parsed) or "none" (nothing is parsed)."""
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(tool["function"]["name"] for tool in self.definitions)
+
+    @property
+    def parses_calls(self) -> bool:
+        """Whether the answer's <tool_call> blocks become `tool_calls`."""
+        return bool(self.definitions) and self.choice == "auto"
+
+
+def parse_tools(body: dict) -> Tools:
+    """`tools` and `tool_choice` of a chat request. "required" and a named function are refused: forcing a
+    call needs constrained decoding, which this server does not do."""
+    value = body.get("tools")
+    if value is None:
+        value = []
+    if not isinstance(value, list):
+        raise RequestError("'tools' must be a list of {'type': 'function', 'function': {...}} objects",
+                           param="tools")
+    definitions: list[dict] = []
+    names: set[str] = set()
+    for i, tool in enumerate(value):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise RequestError(f"{where}.type must be 'function' (the only tool type this server knows)",
+                               param=f"{where}.type")
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise RequestError(f"{where}.function must be an object with a 'name'", param=f"{where}.function")
+        name = function.get("name")
+        if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
+            raise RequestError(f"{where}.function.name must be 1 to 64 letters, digits, '_' or '-', got {name!r}",
+                               param=f"{where}.function.name")
+        if name in names:
+            raise RequestError(f"{where}.function.name {name!r} is the name of an earlier tool too",
+                               param=f"{where}.function.name")
+        names.add(name)
+        description, parameters = function.get("description"), function.get("parameters")
+        if description is not None and not isinstance(description, str):
+            raise RequestError(f"{where}.function.description must be a string", param=f"{where}.function.description")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise RequestError(f"{where}.function.parameters must be a JSON Schema object",
+                               param=f"{where}.function.parameters")
+        definitions.append({"type": "function", "function": {
+            "name": name, **({"description": description} if description is not None else {}),
+            **({"parameters": parameters} if parameters is not None else {})}})
+    choice = body.get("tool_choice")
+    if choice is None:
+        choice = "auto"
+    if choice == "required" or isinstance(choice, dict):
+        raise RequestError("'tool_choice' can be 'auto' or 'none' on this server: forcing a tool call "
+                           "('required' or a named function) needs constrained decoding, which it does not do",
+                           param="tool_choice", code="unsupported_value")
+    if choice not in ("auto", "none"):
+        raise RequestError(f"'tool_choice' must be 'auto' or 'none', got {choice!r}", param="tool_choice",
+                           code="invalid_value")
+    return Tools(definitions, choice)
 
 
 @dataclass
@@ -182,7 +302,7 @@ def parse_sampling(body: dict, config: ServerConfig, limit: int) -> Sampling:
     if options is not None and (not isinstance(options, dict) or not stream):
         raise RequestError("'stream_options' must be an object and is only allowed with stream=true",
                            param="stream_options")
-    unsupported = [name for name in ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions")
+    unsupported = [name for name in ("logprobs", "top_logprobs", "echo", "suffix", "functions")
                    if body.get(name)] + (["best_of"] if body.get("best_of") not in (None, 1) else [])
     if unsupported:
         raise RequestError(f"'{unsupported[0]}' is not supported by this server", param=unsupported[0],
