@@ -6,6 +6,9 @@
 `generate` keeps one Engine per model between calls (the cache and captured CUDA graphs are reused, e.g. by
 every GRPO step); `release_engines()` frees it. For live requests use an `Engine` directly:
 `add_request(prompt, params) → request_id`, then `step() → [StreamEvent]` while `has_unfinished()`.
+Tools: `SamplingParams(tool=PythonTool().hook(tokenizer), detokenize=tokenizer.decode)` lets samples call a
+tool mid-generation (the sample pauses, the others go on; the reply's ids join token_ids, marked in
+Completion.tool_mask).
 """
 
 from __future__ import annotations
@@ -60,7 +63,9 @@ def _engine_for(model, prompts, params: SamplingParams, options: dict) -> Engine
 
 
 def release_engines() -> None:
-    """Drop the engines generate() keeps (and their KV caches and CUDA graphs)."""
+    """Drop the engines generate() keeps (and their KV caches, CUDA graphs and tool threads)."""
+    for engine in _engines.values():
+        engine.close()
     _engines.clear()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -12,6 +12,14 @@ Life of a sample ("sequence"):
 4. A sampled stop token or max_new_tokens finishes a sequence and frees its slot; the next step admits
    a waiting one into it. When few sequences remain in high slots they are moved down (cache rows copied)
    so the decode batch shrinks.
+5. Tools (SamplingParams.tool): a sampled token that completes the tool's close_text pauses its sequence.
+   It keeps its slot (and blocks) but sits out the decode steps while `respond` runs on the engine's worker
+   threads; the other sequences keep decoding. A paused row below the batch's top is an idle row, so its
+   cache positions from the pause on (the last sampled token's, p, and later ones) get throwaway K/V. The
+   step that finds the reply appends its ids to the sequence (tool_mask; they count against
+   max_new_tokens), prefills [last sampled token] + reply[:-1] at positions p... into the sequence's own
+   cache (which rewrites everything the idle row wrote that is ever read), and feeds reply[-1] next. The
+   history is never re-tokenized: token_ids are the sampled ids and the reply ids, interleaved.
 
 Paged mode (`paged=True`, model/cache.PagedKVCache): a decode row holds a list of fixed-size blocks from one
 pool (blocks.BlockManager keeps the free list and reference counts) instead of a slot of max_len positions,
@@ -24,11 +32,17 @@ so memory goes to the tokens that exist rather than to max_len per row. What cha
   the most recently admitted sequences are preempted: their blocks and rows are freed and they go back to
   the front of the waiting queue with their tokens, to be prefilled again (prompt + generated[:-1]) when
   re-admitted. Noise is keyed by position, so a preempted sequence draws exactly the tokens it would have;
-- compaction moves block-table rows, not K/V.
+- compaction moves block-table rows, not K/V;
+- a paused sequence (step 5) never gets a new block while paused; a resumed one first gets the blocks its
+  reply needs (preempting as above). A paused sequence may be preempted like any other: it then waits for
+  its reply outside the queue, and joins the queue's front with the reply appended, to be prefilled again
+  (prompt + everything generated, tool tokens included).
 
 Host syncs: one small device→host copy of the sampled tokens and log-probs per step. With `lookahead=1`
 (default on CUDA) step t+1 is launched before step t's tokens are read, so the GPU never waits on Python;
-a sequence that finished at step t then computes one wasted row in step t+1, which is discarded.
+a sequence that finished, paused or was preempted at step t then computes one wasted row in step t+1,
+which is discarded (a paused or preempted sequence's launched rows are dropped when it leaves the batch:
+it draws that position again when it resumes, with the same noise, see below).
 
 Reproducibility: every sequence carries a noise key, derived from its request's seed and its sample index
 (`noise_key`); the noise of a draw is a function of that key and the position being sampled only
@@ -42,7 +56,9 @@ differently, and a batched forward's rounding can differ from another batch size
 from __future__ import annotations
 
 import heapq
+import logging
 from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +72,12 @@ from .cuda_graphs import DecodeGraphs, batch_bucket, kv_bucket
 from .fast_decode import FastDecoder, supported as fast_decode_supported, triton as _triton
 from .sampling import RowParams, SamplingParams, device_tensor, sample
 
+logger = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.05
+"""Longest a step waits for a tool reply when every sequence it could decode is paused (no busy loop, and a
+server's step() loop still returns to take new requests)."""
+
 
 @dataclass
 class Completion:
@@ -64,12 +86,25 @@ class Completion:
     sample_index: int
     """0..n-1 among the samples of that prompt."""
     token_ids: list[int]
-    """Generated tokens; a sampled stop token is included as the last one."""
+    """Generated tokens (sampled ones and tool replies' ones, in order); a sampled stop token is included as
+    the last one."""
     logprobs: list[float]
-    """log_softmax of the raw logits (temperature 1, no top-k/top-p) at each generated token: GRPO's π_old."""
+    """log_softmax of the raw logits (temperature 1, no top-k/top-p) at each generated token: GRPO's π_old.
+    0.0 at tool tokens (placeholders: they were not sampled)."""
     finish_reason: str
-    """'stop' (a stop token was sampled or a stop string generated), 'length' (max_new_tokens reached) or
-    'abort'."""
+    """'stop' (a stop token was sampled or a stop string generated), 'length' (max_new_tokens reached, tool
+    tokens included) or 'abort'."""
+    tool_mask: list[bool] | None = None
+    """Per token of token_ids: True where it came from a tool reply (not trained), False where it was sampled.
+    None when constructed is filled with all False."""
+    tool_calls: int = 0
+    """Tool calls answered (a `respond` that returned None made no call)."""
+    tool_errors: int = 0
+    """Of those, the ones whose reply said error, or whose `respond` raised."""
+
+    def __post_init__(self) -> None:
+        if self.tool_mask is None:
+            self.tool_mask = [False] * len(self.token_ids)
 
 
 @dataclass
@@ -80,6 +115,8 @@ class StreamEvent:
     new_logprobs: list[float]
     finished: bool
     finish_reason: str | None
+    from_tool: bool = False
+    """new_token_ids are a tool reply's (log-probs 0.0), not sampled."""
 
 
 @dataclass
@@ -119,6 +156,13 @@ class _Sequence:
     noise_key: int = 0
     """The sampling noise's key (see noise_key()); the draw at position p uses noise_key ^ (p << 44)."""
     finish_reason: str | None = None
+    tool_spans: list[tuple[int, int]] = field(default_factory=list)
+    """(start, length) in token_ids of each tool reply appended."""
+    tool_calls: int = 0
+    tool_errors: int = 0
+    text_from: int = 0
+    """Stop strings and the tool's close_text are looked for in token_ids[text_from:]: what the model wrote
+    since its last pause (a reply's text, or a close_text already answered, must not count again)."""
 
     def context(self) -> list[int]:
         """Prompt + generated tokens (those generated before a preemption, when re-admitted)."""
@@ -141,6 +185,8 @@ class _Request:
 class _Launched:
     """A decode step whose sampled tokens have not been read yet."""
     rows: list[tuple[int, _Sequence]]
+    """(row, sequence) of the rows whose token is wanted (a sequence that paused or was preempted since is
+    taken out: its row was wasted)."""
     tokens: torch.Tensor
     logprobs: torch.Tensor
     event: torch.cuda.Event | None
@@ -164,6 +210,8 @@ class Engine:
     defaults: fused q|k|v and gate|up GEMMs, and the valid-length attention kernel on CUDA). The fused weights
     are copies the engine refreshes from the model by itself (when a batch starts, and when a parameter's
     version counter moved), so in-place training updates need no call.
+    tool_workers: threads that run tool calls (SamplingParams.tool; created at the first call; default: the
+    ThreadPoolExecutor default). `close()` stops them.
     """
 
     def __init__(self, model, *, num_slots: int | None = None, max_len: int | None = None,
@@ -171,7 +219,7 @@ class Engine:
                  prefill_tokens: int | None = None, prefill_chunk: int | None = None,
                  cuda_graphs: bool | None = None, lookahead: int | None = None, fast_decode: bool | None = None,
                  fused_proj: bool | None = None, decode_attention: bool | None = None, paged: bool = False,
-                 block_size: int = 16, num_blocks: int | None = None):
+                 block_size: int = 16, num_blocks: int | None = None, tool_workers: int | None = None):
         self.model, self.args = model, model.args
         self.options: dict = {}  # what generate() built this engine with (it reuses it for the same options)
         weight = model.lm_head.weight
@@ -210,9 +258,13 @@ class Engine:
         self.waiting: deque[_Sequence] = deque()
         self.requests: dict[int, _Request] = {}
         self.inflight: deque[_Launched] = deque()
-        self.running = 0  # sequences holding a slot
+        self.running = 0  # sequences holding a slot (paused ones included)
+        self.paused: dict[_Sequence, Future] = {}  # sequences waiting for their tool call, in pause order
+        self._tool_workers, self._tool_pool = tool_workers, None
+        self._tool_failure_logged = False
+        self._decoded = False  # the last step launched a decode step
         self._admissions = 0
-        self.unfinished = 0  # sequences not finished (waiting or running)
+        self.unfinished = 0  # sequences not finished (waiting, running or paused)
         self.stats = EngineStats()
         self._next_request_id = 0
         self._row_params: RowParams | None = None  # rebuilt when the batch composition changes
@@ -304,7 +356,8 @@ class Engine:
     def completions(self, request_id: int, forget: bool = True) -> list[Completion]:
         """The n completions of a finished request (forget=True drops the engine's record of it)."""
         request = self.requests.pop(request_id) if forget else self.requests[request_id]
-        return [Completion(request_id, s.sample_index, s.token_ids, s.logprobs, s.finish_reason or "abort")
+        return [Completion(request_id, s.sample_index, s.token_ids, s.logprobs, s.finish_reason or "abort",
+                           _tool_mask(len(s.token_ids), s.tool_spans), s.tool_calls, s.tool_errors)
                 for s in request.sequences]
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
@@ -328,6 +381,13 @@ class Engine:
     def seed(self, seed: int) -> None:
         """Seed the generator that gives unseeded requests their seeds (one draw per request, in order)."""
         self.seed_generator.manual_seed(seed)
+
+    def close(self) -> None:
+        """Stop the tool worker threads once they are idle (calls in progress still finish; a later call
+        starts new threads)."""
+        if self._tool_pool is not None:
+            self._tool_pool.shutdown(wait=False)
+            self._tool_pool = None
 
     def reset_graphs(self) -> None:
         """Forget captured graphs (needed only if the model's parameter tensors were replaced)."""
@@ -360,16 +420,20 @@ class Engine:
             self.model.eval()
             self._restore_training = True
         with torch.inference_mode():
+            events: list[StreamEvent] = []
+            if self.paused:  # resume the sequences whose tool replied (waiting a little when nothing else runs)
+                self._resume_answered(events if emit else None, wait_for_one=not self._decoded and not self.inflight)
             if self.fast is not None and not self.running and self.waiting:
                 self.fast.sync_weights(force=True)  # a batch starts: the trainer may have changed the weights
             if self.blocks is not None:
                 self._grow_blocks()  # before admission: running sequences get the free blocks first
             self._admit()
             self._compact()
-            if self.running:
-                self._launch_decode()
-            events: list[StreamEvent] = []
-            while self.inflight and (len(self.inflight) > self.lookahead or not self.running):
+            rows = self._decode_rows()
+            self._decoded = bool(rows)
+            if rows:
+                self._launch_decode(rows)
+            while self.inflight and (len(self.inflight) > self.lookahead or not rows):
                 self._process(self.inflight.popleft(), events if emit else None)
             if self.blocks is not None:
                 self.stats.blocks_in_use, self.stats.peak_blocks = self.blocks.in_use, self.blocks.peak
@@ -525,8 +589,14 @@ class Engine:
         self.stats.compaction_moves += len(moves)
         self._row_params = None
 
-    def _launch_decode(self) -> None:
+    def _decode_rows(self) -> list[tuple[int, _Sequence]]:
+        """(row, sequence) of every sequence that takes part in the next decode step."""
         rows = [(i, s) for i, s in enumerate(self.slots) if s is not None]
+        if self.paused:  # paused sequences keep their rows (and cache) but are not decoded
+            rows = [(i, s) for i, s in rows if s not in self.paused]
+        return rows
+
+    def _launch_decode(self, rows: list[tuple[int, _Sequence]]) -> None:
         batch = rows[-1][0] + 1
         kv_len = min(max(s.fed for _, s in rows) + 1, self.max_len)
         if self.fast is not None:
@@ -606,10 +676,13 @@ class Engine:
             seq.token_ids.append(token)
             seq.logprobs.append(logprobs[row])
             req = seq.request
-            reason = "stop" if token in req.stop_ids or req.params.stopped_by_text(seq.token_ids) else (
-                "length" if len(seq.token_ids) >= req.params.max_new_tokens else None)
+            params = req.params
+            reason = "stop" if token in req.stop_ids or params.stopped_by_text(seq.token_ids, seq.text_from) else (
+                "length" if len(seq.token_ids) >= params.max_new_tokens else None)
             if reason:
                 self._finish(seq, reason)
+            elif params.tool is not None and params.closed_tool_call(seq.token_ids, seq.text_from):
+                self._pause(seq)
             if events is not None:
                 events.append(StreamEvent(req.request_id, seq.sample_index, [token], [logprobs[row]],
                                           reason is not None, reason))
@@ -622,8 +695,9 @@ class Engine:
             self.requests.pop(seq.request.request_id, None)
         if seq.slot >= 0:
             self._release(seq)
-        else:  # waiting: aborted, or preempted while its last step's token was in flight
+        elif seq not in self.paused:  # waiting (aborted)
             self.waiting.remove(seq)
+        self.paused.pop(seq, None)  # aborted while paused: its reply, when it comes, is dropped
 
     def _release(self, seq: _Sequence) -> None:
         """Free a running sequence's row (and blocks)."""
@@ -645,8 +719,8 @@ class Engine:
         """Paged: map the block that each running sequence's next decode write lands in; when none is free,
         preempt the most recently admitted sequences (possibly the one that needs the block)."""
         size = self.cache.block_size
-        needy = sorted((s for s in self.slots if s is not None and s.fed // size >= len(s.blocks)),
-                       key=lambda s: s.admitted_at)
+        needy = sorted((s for s in self.slots if s is not None and s.fed // size >= len(s.blocks)
+                        and s not in self.paused), key=lambda s: s.admitted_at)
         rows, logical, physical = [], [], []
         for seq in needy:  # oldest first: a victim is always newer than every sequence already served
             while seq.slot >= 0 and not self.blocks.num_free:
@@ -661,10 +735,127 @@ class Engine:
 
     def _preempt(self, seq: _Sequence) -> None:
         """Free a running sequence's blocks and row; it waits at the front of the queue, its tokens kept, and
-        is prefilled again (prompt + generated[:-1]) when re-admitted."""
+        is prefilled again (prompt + generated[:-1]) when re-admitted. A paused one waits for its reply first
+        (_resume_answered queues it). Its rows in launched steps are wasted: re-admitted, it draws those
+        positions again (same noise), and must not get the old draws on top."""
         self._release(seq)
-        self.waiting.appendleft(seq)
+        self._drop_launched_rows(seq)
+        if seq not in self.paused:
+            self.waiting.appendleft(seq)
         self.stats.preemptions += 1
+
+    def _drop_launched_rows(self, seq: _Sequence) -> None:
+        for launched in self.inflight:
+            launched.rows = [(row, s) for row, s in launched.rows if s is not seq]
+
+    # ------------------------------------------------------------------ tools
+    def _pause(self, seq: _Sequence) -> None:
+        """Take a running sequence out of the decode steps and start its tool call on a worker thread."""
+        if self._tool_pool is None:
+            self._tool_pool = ThreadPoolExecutor(self._tool_workers, thread_name_prefix="r1lab-tool")
+        self.paused[seq] = self._tool_pool.submit(_call_tool, seq.request.params.tool, list(seq.token_ids),
+                                                  self.args.vocab_size)
+        self._drop_launched_rows(seq)  # a lookahead step already launched for it: a wasted row
+        # cache positions before the last sampled token's hold its K/V; from there on the idle row writes
+        # throwaway K/V, rewritten by the resume's prefill
+        seq.fed = len(seq.request.prompt) + len(seq.token_ids) - 1
+        self._row_params = None
+
+    def _resume_answered(self, events: list[StreamEvent] | None, wait_for_one: bool) -> None:
+        """Append the replies of finished tool calls and resume their sequences: in place (K/V of the last
+        sampled token and the reply written into the sequence's own cache, paged: into blocks taken first),
+        or, for one preempted while paused, by queueing it for re-admission."""
+        if wait_for_one:
+            wait(list(self.paused.values()), timeout=_IDLE_WAIT_S, return_when=FIRST_COMPLETED)
+        answered = [seq for seq, call in self.paused.items() if call.done()]
+        in_place = []
+        for seq in answered:
+            reply, error = self._reply(self.paused[seq])
+            params = seq.request.params
+            appended = reply[: params.max_new_tokens - len(seq.token_ids)]
+            if appended:
+                seq.tool_spans.append((len(seq.token_ids), len(appended)))
+                seq.token_ids += appended
+                seq.logprobs += [0.0] * len(appended)
+            seq.tool_calls += error is not None
+            seq.tool_errors += bool(error)
+            seq.text_from = len(seq.token_ids)
+            reason = "length" if len(seq.token_ids) >= params.max_new_tokens else None
+            if events is not None and (appended or reason):
+                events.append(StreamEvent(seq.request.request_id, seq.sample_index, appended, [0.0] * len(appended),
+                                          reason is not None, reason, from_tool=True))
+            if reason:
+                self._finish(seq, reason)  # (which forgets the call)
+                continue
+            del self.paused[seq]
+            if seq.slot >= 0:
+                in_place.append(seq)
+            else:
+                self.waiting.appendleft(seq)
+        if self.blocks is not None:
+            self._blocks_for_replies(in_place)
+            in_place = [seq for seq in in_place if seq.slot >= 0]
+        if not in_place:
+            return
+        # seq.fed is the last sampled token's position (set at the pause): write context[fed:-1] from there
+        self._prefill([[seq.slot, seq.context()[:-1], seq.fed] for seq in in_place
+                       if seq.fed < len(seq.context()) - 1])
+        index = device_tensor([seq.slot for seq in in_place], torch.long, self.device)
+        self.tokens[index] = device_tensor([seq.context()[-1] for seq in in_place], torch.long, self.device)
+        pos = [len(seq.context()) - 1 for seq in in_place]
+        self.positions[index] = device_tensor(pos, torch.long, self.device)
+        for seq, p in zip(in_place, pos):
+            seq.fed = p
+        self._row_params = None
+
+    def _reply(self, call: Future) -> tuple[list[int], bool | None]:
+        """(reply token ids, error) of a finished call; error None when `respond` made no call."""
+        failure = call.exception()
+        if failure is not None:
+            # a broken tool costs the calls that hit it (an error reply of no tokens), never the engine
+            if not self._tool_failure_logged:
+                logger.warning("a tool call raised (treated as an error reply of no tokens; further failures "
+                               "are only counted in Completion.tool_errors)", exc_info=failure)
+                self._tool_failure_logged = True
+            return [], True
+        reply = call.result()
+        if reply is None:
+            return [], None
+        return list(reply.token_ids), bool(reply.error)
+
+    def _blocks_for_replies(self, resumed: list[_Sequence]) -> None:
+        """Paged: map the blocks that resumed sequences' contexts now reach (the reply's positions and the
+        next decode write), preempting the most recently admitted sequences when none are free (as in
+        _grow_blocks: oldest served first, a victim may be the resumed sequence itself)."""
+        rows, tables = [], []
+        for seq in sorted(resumed, key=lambda s: s.admitted_at):
+            if seq.slot < 0:  # preempted for an older resumed one
+                continue
+            need = self._blocks_for(len(seq.context())) - len(seq.blocks)
+            while seq.slot >= 0 and self.blocks.num_free < need:
+                self._preempt(max((s for s in self.slots if s is not None), key=lambda s: s.admitted_at))
+            if seq.slot >= 0 and need > 0:
+                seq.blocks += self.blocks.allocate(need)
+                rows.append(seq.slot)
+                tables.append(seq.blocks)
+        if rows:
+            self.cache.set_rows(rows, tables)
+
+
+def _call_tool(tool, token_ids: list[int], vocab_size: int):
+    """A worker thread's job: the tool's reply to the call that ends `token_ids` (the sample's generated ids);
+    ids the model cannot embed are the tool's bug, raised here so they cost only this call."""
+    reply = tool.respond(token_ids)
+    if reply is not None and any(not 0 <= t < vocab_size for t in reply.token_ids):
+        raise ValueError(f"tool reply has token ids outside [0, {vocab_size})")
+    return reply
+
+
+def _tool_mask(length: int, spans: list[tuple[int, int]]) -> list[bool]:
+    mask = [False] * length
+    for start, size in spans:
+        mask[start : start + size] = [True] * size
+    return mask
 
 
 def noise_key(seed: int, sample_index: int) -> int:

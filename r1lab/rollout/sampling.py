@@ -15,10 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import fused_sampling
+
+if TYPE_CHECKING:
+    from r1lab.tools import ToolHook
 
 
 @dataclass
@@ -43,12 +47,22 @@ class SamplingParams:
     """Text that ends a sample as soon as it has been generated (finish_reason 'stop'; the token that completes
     it is the last one, so the text may run a few characters past it). Needs `detokenize`."""
     detokenize: Callable[[list[int]], str] | None = field(default=None, compare=False, repr=False)
-    """Token ids → text (the tokenizer's decode), for stop_strings."""
+    """Token ids → text (the tokenizer's decode), for stop_strings and tool."""
+    tool: "ToolHook | None" = field(default=None, compare=False, repr=False)
+    """A tool the samples call while they generate (r1lab.tools.ToolHook, or any object with `close_text: str`
+    and `respond(token_ids) -> reply | None`, the reply having `.token_ids` and `.error`). When a sampled
+    token completes close_text (and did not end the sample), the sample pauses, `respond` gets its generated
+    ids so far on a worker thread, and the reply's ids are appended (not sampled: Completion.tool_mask) before
+    it resumes. Needs `detokenize`."""
 
     def __post_init__(self) -> None:
         self.stop_strings = tuple(s for s in self.stop_strings if s)
         if self.stop_strings and self.detokenize is None:
             raise ValueError("SamplingParams.stop_strings needs detokenize (the tokenizer's decode)")
+        if self.tool is not None and self.detokenize is None:
+            raise ValueError("SamplingParams.tool needs detokenize (the tokenizer's decode) to find its close_text")
+        if self.tool is not None and not self.tool.close_text:
+            raise ValueError("SamplingParams.tool has an empty close_text")
         if self.temperature < 0:
             raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -64,14 +78,23 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def stopped_by_text(self, token_ids: list[int]) -> bool:
+    def stopped_by_text(self, token_ids: list[int], since: int = 0) -> bool:
         """Whether the newest token completed one of stop_strings. Each token is at least one character, so
         the last (longest stop string + 1) tokens hold any stop string that ends in the newest one; an earlier
-        occurrence would have stopped the sample already."""
+        occurrence would have stopped the sample already. Only token_ids[since:] are looked at: the text the
+        model wrote since its last tool reply (a program's output that prints a stop string stops nothing)."""
         if not self.stop_strings:
             return False
-        tail = self.detokenize(token_ids[-(max(map(len, self.stop_strings)) + 1):])
+        tail = self._tail(token_ids, since, max(map(len, self.stop_strings)))
         return any(s in tail for s in self.stop_strings)
+
+    def closed_tool_call(self, token_ids: list[int], since: int = 0) -> bool:
+        """Whether the newest token completed the tool's close_text (looked for like a stop string, in the
+        text generated since the sample's last pause)."""
+        return self.tool.close_text in self._tail(token_ids, since, len(self.tool.close_text))
+
+    def _tail(self, token_ids: list[int], since: int, longest: int) -> str:
+        return self.detokenize(token_ids[max(since, len(token_ids) - longest - 1):])
 
 
 def device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
