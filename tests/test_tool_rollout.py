@@ -59,7 +59,8 @@ def tool_params(tool, **overrides) -> SamplingParams:
     return SamplingParams(**{**options, **overrides})
 
 
-def check_trajectory(model, prompt: list[int], c, replies: dict, params: SamplingParams) -> int:
+def check_trajectory(model, prompt: list[int], c, replies: dict, params: SamplingParams,
+                     closes=lambda token: token % CALL_EVERY == 0) -> int:
     """One completion against the tool's log: after every sampled close token (that did not end the sample)
     the tool was called with exactly the ids so far, and its reply's ids follow (cut by max_new_tokens),
     marked in tool_mask, with log-prob 0.0; no other token is marked; tool_calls / tool_errors count the
@@ -71,7 +72,7 @@ def check_trajectory(model, prompt: list[int], c, replies: dict, params: Samplin
     while i < len(ids):
         expected_mask.append(False)  # ids[i] was sampled
         i += 1
-        if ids[i - 1] % CALL_EVERY or ids[i - 1] in params.stop_token_ids or i == params.max_new_tokens:
+        if not closes(ids[i - 1]) or ids[i - 1] in params.stop_token_ids or i == params.max_new_tokens:
             assert tuple(ids[:i]) not in replies
             continue
         reply = replies[tuple(ids[:i])]  # a close token that did not end the sample: the tool was called here
@@ -215,6 +216,34 @@ def test_a_raising_tool_costs_only_its_calls(dense, caplog):
 
 
 # ----------------------------------------------------------------------------- scheduling changes no token
+@pytest.mark.parametrize("paged", [False, True])
+def test_paused_sequences_moved_down_by_compaction_resume_right(dense, paged):
+    """Ten short requests fill rows 0-9; the two samples of a tool request sit in rows 10-11 and are paused
+    (every sampled token calls, each call takes 30 ms) when the short ones finish, so compaction moves them
+    down while paused (slotted: cache rows copied, paged: tables moved); they resume with correct K/V."""
+    engine = Engine(dense, num_slots=16, max_len=64, paged=paged, block_size=4)
+    moved_while_paused = []
+    compact = engine._compact
+
+    def spy():
+        before = {s: s.slot for s in engine.slots if s is not None}
+        compact()
+        moved_while_paused.extend(s in engine.paused for s, slot in before.items() if s.slot != slot)
+
+    engine._compact = spy
+    for p in _prompts([4] * 10, seed=2):
+        engine.add_request(p, SamplingParams(max_new_tokens=3, stop_token_ids=[]))
+    tool, prompt = ScriptedTool(delay=0.03), _prompts([7])[0]
+    params = tool_params(tool, max_new_tokens=12, stop_token_ids=[], detokenize=lambda ids: "#" * len(ids))
+    rid = engine.add_request(prompt, params, keep=True)
+    while engine.has_unfinished():
+        engine.step()
+    replies = dict(tool.log)
+    for c in engine.completions(rid):
+        check_trajectory(dense, prompt, c, replies, params, closes=lambda token: True)
+    assert any(moved_while_paused), moved_while_paused
+
+
 @pytest.mark.parametrize("lookahead", [0, 1])
 def test_preempting_sequences_with_tool_tokens_changes_no_token(dense, lookahead):
     """A pool of 16 blocks of 4 for 6 rows and a tool that keeps samples paused a few milliseconds: sequences

@@ -126,7 +126,8 @@ class EngineStats:
     """Sum over steps of the decode batch (idle dummy rows included)."""
     prefill_forwards: int = 0
     prefill_tokens: int = 0
-    """Prompt tokens actually prefilled (siblings that copied a slot are not counted)."""
+    """Tokens actually prefilled: prompts (siblings that copied a slot are not counted), the histories of
+    re-admitted preempted sequences, and tool replies."""
     slot_copies: int = 0
     """Sibling prefills replaced by a cache copy."""
     compaction_moves: int = 0
@@ -343,8 +344,9 @@ class Engine:
         return self.unfinished > 0
 
     def abort(self, request_id: int) -> None:
-        """Stop every sample of a request now (finish_reason 'abort'); its slots are freed. Unknown or
-        already finished and forgotten requests are ignored."""
+        """Stop every sample of a request now (finish_reason 'abort'); its slots are freed, and the reply of
+        a paused sample's tool call is dropped when it comes. Unknown or already finished and forgotten
+        requests are ignored."""
         request = self.requests.get(request_id)
         if request is None:
             return
