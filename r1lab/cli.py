@@ -259,6 +259,8 @@ def eval_(
         None, help="What a chat prompt asks for after the question, for every benchmark (default: each task's own, "
                    "e.g. \\boxed{} for math); e.g. the R1-style <think>/<answer> request a zero recipe trained with."),
     force_think: bool = typer.Option(False, help="End prompts with an open <think> (for released R1 models)."),
+    tool: bool = typer.Option(False, help="Let the model run Python in the sandbox while it reasons (<python> code "
+                                          "</python> is answered with <output> ... </output>; r1lab.tools)."),
     stop: list[str] = typer.Option([], "--stop", help="Text that ends an answer, repeatable (e.g. '</answer>')."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
@@ -266,6 +268,7 @@ def eval_(
 ):
     """Evaluate a model with the R1 protocol: pass@1 over k samples, pass@k, cons@k, length, format rate."""
     from r1lab.eval.runner import evaluate_benchmarks, parse_bench
+    from r1lab.tools import PythonTool
 
     if top_p == 0:
         raise typer.BadParameter("0 keeps no token; use 0 < top_p <= 1", param_hint="'--top-p'")
@@ -275,7 +278,8 @@ def eval_(
         run_dir = _new_run_dir(out, "eval", info)
         evaluate_benchmarks(model, bench, run_dir, template=template, instruction=instruction, k=k,
                             temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
-                            force_think=force_think, stop_strings=stop, device=device, dtype=dtype, dist=info)
+                            force_think=force_think, stop_strings=stop, tool=PythonTool() if tool else None,
+                            device=device, dtype=dtype, dist=info)
         if info.is_main:
             typer.echo(f"wrote {run_dir}/summary.json, {run_dir}/eval/ and {run_dir}/report.html")
 

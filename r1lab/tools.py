@@ -100,7 +100,7 @@ class PythonTool:
             return None
         code = text[start + len(self.call_open):end]
         fenced = _FENCE.match(code)
-        return (fenced.group(1) if fenced else code).strip("\n")
+        return (fenced.group(1) if fenced else code).strip()
 
     def reply_text(self, result: ToolResult) -> str:
         """The reply appended after a call: output_open, the result, output_close, each on its own line."""

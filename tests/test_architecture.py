@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1] / "r1lab"
 LAYERS = [
     {"errors", "fsutil", "distributed"},
     {"config", "tokenizer", "sandbox"},
-    {"run_dir", "model", "rewards"},
+    {"run_dir", "model", "rewards", "tools"},
     {"rollout", "tasks"},
     {"train", "eval"},
     {"pipeline"},

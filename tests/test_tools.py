@@ -64,7 +64,8 @@ def test_a_call_returns_what_the_program_printed_or_why_it_failed():
     ok = tool.run("print(4817 * 2293)")
     assert ok == ToolResult("11045381", False, ok.duration_s)
     failed = tool.run("x = [1, 2]\nprint('before')\nprint(x[5])")
-    assert failed.error and failed.text.startswith("before\n") and failed.text.endswith("IndexError: list index out of range")
+    assert failed.error and failed.text.startswith("before\n")
+    assert failed.text.endswith("IndexError: list index out of range")
     flood = tool.run("print('y' * 100000)")
     assert flood.error and flood.text == "y" * 64 + "... [output cut at 64 characters]"
     long_but_fine = tool.run("print('z' * 100)")
@@ -118,7 +119,8 @@ def test_adversarial_programs_through_the_tool_leave_the_host_unharmed(tmp_path,
     assert secret not in results["read the environment"].text
     assert "[project]" not in results["read the project"].text and results["read the project"].error
     # the caller's pid does not exist in the sandbox's own pid namespace
-    assert results["kill the caller"].error and results["kill the caller"].text.endswith("ProcessLookupError: [Errno 3] No such process")
+    killed = results["kill the caller"]
+    assert killed.error and killed.text.endswith("ProcessLookupError: [Errno 3] No such process")
     assert results["fork bomb"].error
     assert PythonTool().run("print('still fine')").text == "still fine"  # the caller lives on and can call again
 

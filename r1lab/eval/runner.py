@@ -21,6 +21,7 @@ out_dir/eval/<bench>.jsonl, out_dir/summary.json and out_dir/report.html.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -108,7 +109,7 @@ def _item_record(sampled: SampledProblem) -> dict:
         "mixed_language": [is_mixed_language(t) for t in texts],
         "cons_answer": None if winner is None else votes[winner],
         "cons_correct": winner is not None and correct[winner],
-    }
+    } | ({} if sampled.tool_calls is None else {"tool_calls": sampled.tool_calls})
 
 
 def evaluate(model: Any, tokenizer: Any, problems: Task | Sequence[Problem], *, template: str | None = None,
@@ -116,7 +117,7 @@ def evaluate(model: Any, tokenizer: Any, problems: Task | Sequence[Problem], *, 
              seed: int = 0, scorer: Scorer | None = None, batch: int | None = None, progress: bool = True,
              force_think: bool = False, out_path: str | Path | None = None, name: str | None = None,
              console: Any = None, print_table: bool | None = None, stop_strings: Sequence[str] = (),
-             dist: Any = None) -> tuple[dict[str, Any], list[dict]]:
+             tool: Any = None, dist: Any = None) -> tuple[dict[str, Any], list[dict]]:
     """Sample k completions of every problem and score them; returns (summary, per-item records).
 
     problems: a Task (its prompt template, answer instruction and verifier are used) or a list of Problems
@@ -127,7 +128,8 @@ def evaluate(model: Any, tokenizer: Any, problems: Task | Sequence[Problem], *, 
         the opening tag is then scored as part of the completion.
     max_new_tokens: None → what the context leaves after the longest prompt, at most 32768 (R1's limit).
     batch: questions per generate() call (eval.sampling.sample_and_score). stop_strings: text that ends an
-    answer (the completion is cut after it).
+    answer (the completion is cut after it). tool: an r1lab.tools.PythonTool the model may call inside its
+    reasoning (answers are scored without the tool's outputs; the summary adds tool_calls_per_answer).
     out_path: write the per-item records there as JSONL. print_table (default: = progress) prints a table.
     dist: a r1lab.distributed.DistInfo under torchrun: each rank samples its contiguous share of the
         problems on its own (unsharded) `model`, the items are gathered, and every rank returns the same
@@ -160,7 +162,7 @@ def evaluate(model: Any, tokenizer: Any, problems: Task | Sequence[Problem], *, 
         sampled = sample_and_score(model, tokenizer, task, k=k, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_p=top_p, seed=seed, template=template,
                                    force_think=force_think, scorer=scorer, batch=batch, dist=info,
-                                   prompts=prompts, stop_strings=stop_strings, on_progress=advance)
+                                   prompts=prompts, stop_strings=stop_strings, tool=tool, on_progress=advance)
     seconds = max(D.all_gather_objects(time.perf_counter() - start, info))
     items = [_item_record(s) for s in sampled]
 
@@ -169,6 +171,8 @@ def evaluate(model: Any, tokenizer: Any, problems: Task | Sequence[Problem], *, 
     summary["truncated_rate"] = sum(r == "length" for r in samples) / len(samples)
     summary["mean_score"] = sum(s for item in items for s in item["scores"]) / len(samples)
     summary["answered_rate"] = sum(a is not None for item in items for a in item["answers"]) / len(samples)
+    if tool is not None:
+        summary["tool_calls_per_answer"] = sum(sum(item["tool_calls"]) for item in items) / len(samples)
     summary["temperature"], summary["top_p"], summary["max_new_tokens"] = temperature, top_p, max_new_tokens
     summary["seconds"] = round(seconds, 3)
     summary["tokens_per_second"] = round(sampled_tokens(sampled) / max(seconds, 1e-9), 1)
@@ -343,8 +347,8 @@ def evaluate_benchmarks(model: Any, benches: Sequence[str | dict | BenchSpec], o
                         k: int = 4, temperature: float = 0.6,
                         top_p: float = 0.95, max_new_tokens: int | None = None, seed: int = 0,
                         force_think: bool = False, device: str = "cpu", dtype: str = "auto",
-                        stop_strings: Sequence[str] = (), progress: bool = True, console: Any = None,
-                        dist: Any = None) -> dict[str, dict]:
+                        stop_strings: Sequence[str] = (), tool: Any = None, progress: bool = True,
+                        console: Any = None, dist: Any = None) -> dict[str, dict]:
     """Evaluate one model on several benchmarks; returns {bench name: summary}.
 
     model: an HF folder path (None: the embedded default) or a loaded model (then pass `tokenizer`).
@@ -384,9 +388,10 @@ def evaluate_benchmarks(model: Any, benches: Sequence[str | dict | BenchSpec], o
     main = info.is_main
     progress = progress and main
     run = RunDir(out_dir)
-    settings = {"model": model_label, "template": template, "instruction": instruction, "k": k, "temperature": temperature, "top_p": top_p,
+    settings = {"model": model_label, "template": template, "instruction": instruction, "k": k,
+                "temperature": temperature, "top_p": top_p,
                 "max_new_tokens": max_new_tokens, "seed": seed, "force_think": force_think,
-                "stop_strings": list(stop_strings),
+                "stop_strings": list(stop_strings), "tool": None if tool is None else dataclasses.asdict(tool),
                 "benchmarks": [{"name": s.name, "task": s.task, "size": s.size, "options": s.options}
                                for s in specs]}
     if main:
@@ -400,7 +405,7 @@ def evaluate_benchmarks(model: Any, benches: Sequence[str | dict | BenchSpec], o
             model, tokenizer, task, template=template, k=k, temperature=temperature, top_p=top_p,
             max_new_tokens=max_new_tokens, seed=seed, progress=progress, force_think=force_think,
             out_path=run.path / "eval" / f"{spec.name}.jsonl", name=spec.name, console=console,
-            print_table=False, stop_strings=stop_strings, dist=info)
+            print_table=False, stop_strings=stop_strings, tool=tool, dist=info)
     if not main:
         return summaries
     flat = {f"{bench}/{metric}": value for bench, summary in summaries.items()

@@ -35,6 +35,8 @@ class SampledProblem:
     """"stop" or "length" per sample."""
     scores: list[float]
     """The scorer's value per sample."""
+    tool_calls: list[int] | None = None
+    """Tool calls per sample, when sampled with a tool."""
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -45,13 +47,14 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
 def sample_and_score(model: Any, tokenizer: Any, task: Task, *, k: int, max_new_tokens: int,
                      temperature: float = 0.6, top_p: float = 0.95, top_k: int | None = None, seed: int = 0,
                      template: str | None = None, force_think: bool = False, scorer: Scorer | None = None,
-                     stop_strings: Sequence[str] = (),
+                     stop_strings: Sequence[str] = (), tool: Any = None,
                      batch: int | None = None, dist: D.DistInfo | None = None, prompts: Sequence[Prompt] | None = None,
                      on_progress: Callable[[int], None] | None = None) -> list[SampledProblem]:
     """Every problem of `task` sampled k times and scored; returns one SampledProblem per problem, in order.
 
     template: None → the task's own. scorer: None → task.score. stop_strings: text that ends a sample (e.g.
-    "</answer>"), which the completion text is cut after. batch: problems per generate() call (None:
+    "</answer>"), which the completion text is cut after. tool: an r1lab.tools.PythonTool the model may call
+    while it reasons (samples are scored without its outputs). batch: problems per generate() call (None:
     enough for ~512 samples on CUDA, ~64 on CPU; the engine batches continuously inside a call, so this only
     paces on_progress(n_done)). dist: under torchrun every rank must call this; each samples its share.
     prompts: the task's prompts if the caller rendered them already (task.prompt of every problem).
@@ -64,6 +67,7 @@ def sample_and_score(model: Any, tokenizer: Any, task: Task, *, k: int, max_new_
     if prompts is None:
         prompts = {i: task.prompt(task.problems[i], tokenizer, template, force_think=force_think) for i in range(lo, hi)}
     stop = stop_token_ids(model, tokenizer)
+    hook = tool.hook(tokenizer) if tool is not None else None
     cuda = next(model.parameters()).is_cuda
     batch = batch or max(1, (512 if cuda else 64) // k)
     out: list[SampledProblem] = []
@@ -74,7 +78,7 @@ def sample_and_score(model: Any, tokenizer: Any, task: Task, *, k: int, max_new_
             last = min(first + batch, hi)
             params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                                     stop_token_ids=stop, n=k, seed=seed + first, stop_strings=tuple(stop_strings),
-                                    detokenize=tokenizer.decode)
+                                    detokenize=tokenizer.decode, tool=hook)
             completions = generate(model, [prompts[i].ids for i in range(first, last)], params)
             for offset in range(last - first):
                 index = first + offset
@@ -82,9 +86,11 @@ def sample_and_score(model: Any, tokenizer: Any, task: Task, *, k: int, max_new_
                 prompt, problem = prompts[index], task.problems[index]
                 texts = [task.completion_text(tokenizer, c.token_ids, prompt.completion_prefix, stop_strings)
                          for c in samples]
+                scored = texts if tool is None else [tool.without_outputs(text) for text in texts]
                 out.append(SampledProblem(index, problem, prompt, texts, [len(c.token_ids) for c in samples],
                                           [c.finish_reason for c in samples],
-                                          [_score(scorer, problem, index, text) for text in texts]))
+                                          [_score(scorer, problem, index, text) for text in scored],
+                                          None if tool is None else [c.tool_calls for c in samples]))
             if on_progress is not None:
                 on_progress(last - first)
     finally:

@@ -39,13 +39,15 @@ SUMMARY_EVERY_S = 10.0
 
 
 def evaluate_held_out(model, tokenizer, held_out: Task, cfg: EvalConfig, template: str | None, info: D.DistInfo,
-                      out_path: Path, name: str, *, progress: bool = False, console=None) -> dict:
+                      out_path: Path, name: str, *, progress: bool = False, console=None, tool=None) -> dict:
     """The R1-protocol summary of `model` on a held-out task, during a training run: on the gathered weights
     when the model is FSDP-sharded, each rank sampling its share of the questions. Every rank calls it.
-    progress: evaluate's live bar over the questions on `console` (rank 0), never its table."""
+    progress: evaluate's live bar over the questions on `console` (rank 0), never its table. tool: the tool the
+    model was trained with (r1lab.tools.PythonTool), or None."""
     with gathered_for_rollout(model, info) as policy:  # the model itself unless it is sharded
         summary, _ = evaluate(policy, tokenizer, held_out, template=template, progress=progress, console=console,
-                              print_table=False, out_path=out_path, name=name, dist=info, **cfg.sampling())
+                              print_table=False, out_path=out_path, name=name, dist=info, tool=tool,
+                              **cfg.sampling())
     return summary
 
 
@@ -82,10 +84,11 @@ def run_zero(cfg: ZeroConfig, run_dir: RunDir, *, resume: bool = False, progress
 
     def measure(tag: str, what: str) -> dict:
         path = run_dir.path / "eval" / f"{tag}.jsonl"
+        args = (model, tok, held_out, cfg.eval, t.template, info, path, tag)
         if show is None:
-            return evaluate_held_out(model, tok, held_out, cfg.eval, t.template, info, path, tag)
+            return evaluate_held_out(*args, tool=g.tool)
         with show.evaluation(tag, what, len(held_out.problems), cfg.eval.k) as bar:
-            summary = evaluate_held_out(model, tok, held_out, cfg.eval, t.template, info, path, tag, **bar)
+            summary = evaluate_held_out(*args, tool=g.tool, **bar)
         show.evaluated(tag, summary)
         return summary
 

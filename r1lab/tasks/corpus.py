@@ -472,6 +472,17 @@ def _cold_start_think(rng: random.Random, problem: ChainProblem) -> str:
     return " ".join(sentences)
 
 
+def _tool_think(problem: ChainProblem, tool: Any) -> str:
+    """Reasoning that hands the arithmetic to the Python tool and reads the result off its reply."""
+    from r1lab.tools import ToolResult
+
+    openings = ("Let me compute it.", "I will let Python do the arithmetic.", "Compute the chain.")
+    opening = openings[sum(problem.terms) % len(openings)]
+    reply = tool.reply_text(ToolResult(str(problem.answer), False))
+    call = f"{tool.call_open}\nprint({problem.expression})\n{tool.call_close}"
+    return f"{opening} {call}{reply} So the answer is {problem.answer}."
+
+
 def generate_cold_start(
     n: int,
     seed: int = 0,
@@ -480,12 +491,15 @@ def generate_cold_start(
     min_digits: int = 1,
     max_digits: int = 2,
     exclude: Iterable[str] = (),
+    tool: Any = None,
 ) -> list[dict[str, Any]]:
     """`n` clean, English-only long-CoT demonstrations for the cold-start SFT (R1 stage 1).
 
     Each item is {"prompt", "completion", "question", "answer"}; the training text is
     `prompt + " " + completion` followed by EOS (see `make_document`). The completion is exactly one
-    `<think>...</think>` then one `<answer>...</answer>`, always correct.
+    `<think>...</think>` then one `<answer>...</answer>`, always correct. With `tool` (an
+    r1lab.tools.PythonTool) the reasoning calls it to evaluate the expression and reads the answer off its
+    reply, instead of working it out in words: the cold start of a tool-using model.
     """
     cfg = CorpusConfig(
         min_terms=min_terms, max_terms=max_terms, min_digits=min_digits, max_digits=max_digits
@@ -496,7 +510,10 @@ def generate_cold_start(
     items = []
     for _ in range(n):
         problem = _fresh_problem(rng, cfg, excluded)
-        completion = f"{_think_block(_cold_start_think(rng, problem))} {_answer_block(problem.answer)}"
+        think = _cold_start_think(rng, problem)  # drawn with a tool too: both variants pose the same problems
+        if tool is not None:
+            think = _tool_think(problem, tool)
+        completion = f"{_think_block(think)} {_answer_block(problem.answer)}"
         items.append(
             {
                 "prompt": r1_zero_prompt(problem.question),

@@ -33,6 +33,7 @@ from r1lab.rewards.compose import RewardSpec
 from r1lab.rollout import Completion, SamplingParams, generate
 from r1lab.run_dir import RunDir
 from r1lab.tasks import Problem, Task, load_task
+from r1lab.tools import PythonTool
 from r1lab.train.batching import PackedBatch, check_whole_groups, minibatch_plan, pack_sequences, unpack_to_sequences
 from r1lab.train.checkpoint import load_latest_checkpoint, restore_checkpoint, save_checkpoint
 from r1lab.train.grpo_math import Objective, dynamic_sampling_filter, group_advantages, overlong_filter_mask, policy_loss
@@ -107,6 +108,10 @@ class GRPOConfig:
     stop_strings: list[str] = field(default_factory=list)
     """Text that ends a completion (e.g. "</answer>": an instruct model that keeps talking after its answer
     fails the format reward and runs to max_new_tokens); the completion is scored up to it."""
+    tool: PythonTool | None = None
+    """A sandboxed Python interpreter the model may call inside its reasoning (r1lab.tools: <python> code
+    </python> is answered with <output> ... </output>, appended as untrained tokens); None: no tool. Rewards
+    score the text without the tool outputs."""
     epochs_per_rollout: int = 1
     """μ: passes over each rollout."""
     num_minibatches: int = 1
@@ -188,7 +193,8 @@ class Rollout:
         return torch.tensor([s["total"] for s in self.scores], dtype=torch.float32)
 
     def sequences(self) -> tuple[list[list[int]], list[list[int]]]:
-        """Prompt + completion ids of every completion, and its loss mask (1 on the completion tokens)."""
+        """Prompt + completion ids of every completion, and its loss mask (1 on the sampled completion tokens,
+        0 on the prompt and on tool outputs)."""
         return _sequences(self.prompts, self.completions)
 
     def select(self, groups: list[int], group_size: int) -> "Rollout":
@@ -216,13 +222,13 @@ class UpdateBatch:
     seqs: list[list[int]]
     """Prompt + completion ids."""
     loss_masks: list[list[int]]
-    """1 on the completion tokens."""
+    """1 on the sampled completion tokens (0 on the prompt and on tool outputs)."""
     advantages: torch.Tensor
     """[N] group-normalized advantages."""
     old_logp: list[torch.Tensor]
-    """log π_old of each completion token [len] (the rollout policy's)."""
+    """log π_old of each sampled completion token [n_sampled] (the rollout policy's)."""
     ref_logp: list[torch.Tensor] | None
-    """log π_ref of each completion token [len] when β > 0."""
+    """log π_ref of each sampled completion token [n_sampled] when β > 0."""
     weights: torch.Tensor | None
     """[N] 0/1 per completion when truncated samples are masked out (DAPO's overlong filter), else None."""
 
@@ -293,6 +299,7 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm))
         self.ref = self._snapshot() if cfg.objective.beta > 0 else None
         self.stop_ids = tokenizer.stop_ids if cfg.stop_at_eos else []
+        self.tool_hook = cfg.tool.hook(tokenizer) if cfg.tool is not None else None
         model.gradient_checkpointing = cfg.gradient_checkpointing
         self.step_index = 0
         self.last_samples: list[dict] = []
@@ -334,7 +341,7 @@ class Trainer:
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                                 n=cfg.group_size, stop_token_ids=self.stop_ids,
                                 seed=(seed * 4096 + self.dist.rank) << 20, stop_strings=tuple(cfg.stop_strings),
-                                detokenize=self.tok.decode)
+                                detokenize=self.tok.decode, tool=self.tool_hook)
         self.model.eval()
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -343,11 +350,13 @@ class Trainer:
                 # the engine reports raw-logit (T = 1) log-probs; π_old is softmax(logits / T), so score the
                 # samples once more with the policy that drew them (a plain replica under FSDP: no collectives)
                 for c, logp in zip(comps, self._logprobs(self._policy, *_sequences(prompts, comps))):
-                    c.logprobs = logp.tolist()
+                    sampled = iter(logp.tolist())  # tool tokens keep their 0.0 placeholders
+                    c.logprobs = [lp if tool else next(sampled) for lp, tool in zip(c.logprobs, c.tool_mask)]
         t1 = time.perf_counter()
         texts = [self.task.completion_text(self.tok, c.token_ids, stop_strings=cfg.stop_strings) for c in comps]
         problems = [self.task.problems[problem_ids[c.prompt_index]] for c in comps]
-        scores = self.reward.batch(problems, texts, lengths=[len(c.token_ids) for c in comps])
+        scored = texts if cfg.tool is None else [cfg.tool.without_outputs(t) for t in texts]
+        scores = self.reward.batch(problems, scored, lengths=[len(c.token_ids) for c in comps])
         return Rollout(problem_ids, prompts, comps, texts, scores, t1 - t0, time.perf_counter() - t1)
 
     def _collect(self) -> tuple[Rollout, dict]:
@@ -397,7 +406,7 @@ class Trainer:
         seqs, masks = batch.sequences()
         update = UpdateBatch(
             seqs, masks, advantages=group_advantages(totals, G, **obj.advantage_kwargs()) if batch.n_groups else totals,
-            old_logp=[torch.tensor(c.logprobs, dtype=torch.float32) for c in comps],
+            old_logp=[sampled_logprobs(c) for c in comps],
             ref_logp=self._logprobs(self.ref, seqs, masks) if self.ref is not None else None,
             weights=overlong_filter_mask([c.finish_reason for c in comps]) if obj.mask_truncated else None)
 
@@ -496,6 +505,12 @@ class Trainer:
         out["response_length"] = sum(lengths) / n
         out["response_length_max"] = float(max(lengths))
         out["truncated_rate"] = sum(c.finish_reason == "length" for c in comps) / n
+        if self.cfg.tool is not None:
+            calls = sum(c.tool_calls for c in comps)
+            out["tool/calls_per_answer"] = calls / n
+            out["tool/answers_with_calls"] = sum(c.tool_calls > 0 for c in comps) / n
+            out["tool/error_rate"] = sum(c.tool_errors for c in comps) / max(calls, 1)
+            out["tool/token_share"] = sum(sum(c.tool_mask) for c in comps) / max(sum(lengths), 1)
         return out
 
     # ------------------------------------------------------------------ checkpoints
@@ -543,10 +558,17 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
 
 
 def _sequences(prompts: list[list[int]], comps) -> tuple[list[list[int]], list[list[int]]]:
-    """Prompt + completion token ids of each completion, and its loss mask (1 on the completion tokens)."""
+    """Prompt + completion token ids of each completion (exactly the ids the engine produced: sampled and tool
+    tokens interleaved, never re-tokenized), and its loss mask (1 on the sampled tokens only)."""
     seqs = [prompts[c.prompt_index] + c.token_ids for c in comps]
-    masks = [[0] * len(prompts[c.prompt_index]) + [1] * len(c.token_ids) for c in comps]
+    masks = [[0] * len(prompts[c.prompt_index]) + [0 if tool else 1 for tool in c.tool_mask] for c in comps]
     return seqs, masks
+
+
+def sampled_logprobs(completion: Completion) -> torch.Tensor:
+    """[n_sampled] fp32 log π_old of the completion's sampled tokens (tool tokens have none)."""
+    return torch.tensor([lp for lp, tool in zip(completion.logprobs, completion.tool_mask) if not tool],
+                        dtype=torch.float32)
 
 
 def _pack(cfg: GRPOConfig, seqs, masks) -> list[PackedBatch]:
