@@ -103,7 +103,7 @@ def test_packed_forward_equals_dense_mask_and_documents_alone(preset, monkeypatc
     g = torch.Generator().manual_seed(11)
     packs = [_random_pack(g, rows) for rows in (1, 3, 4)]
     with torch.no_grad():
-        outs = [model(ids, pos, doc_ids=docs) for ids, pos, docs, _ in packs]
+        outs = [model(ids, pos, doc_ids=doc_ids) for ids, pos, doc_ids, _ in packs]
         for (ids, pos, doc_ids, docs), out in zip(packs, outs):
             assert torch.isfinite(out).all()
             for r, start, tokens in docs:
