@@ -2,7 +2,8 @@
 
 - `pack_sequences` packs variable-length (prompt + completion) sequences into rows of at most `max_tokens`
   tokens (first-fit decreasing), with positions restarting per document and doc ids that the model turns
-  into a block-causal mask, so no compute is spent on padding and documents never see each other.
+  into per-document causal attention (model/attention.py: one SDPA call per group of equal-length runs),
+  so no compute is spent on padding, documents never see each other and memory grows linearly with the pack.
 - `unpack_to_sequences` takes any per-token [R, L] result (log-probs, entropies) back to per-sequence
   tensors; the loss is then computed on ordinary padded [B, T] tensors (cheap) while the forward ran packed.
 - `micro_batches_by_tokens` groups sequences for padded (unpacked) forwards under a token budget.
