@@ -14,15 +14,7 @@ import torch
 
 import r1lab.model as rm
 from r1lab.model.attention import document_runs
-
-
-def _decisive_routing(model):
-    """Router weights far from top-k ties, so rounding-level differences cannot flip an expert choice."""
-    with torch.no_grad():
-        for m in model.moe_layers():
-            m.gate.weight.normal_(0, 0.5)
-            m.gate.e_score_correction_bias.normal_(0, 0.2)
-    return model
+from test_model import _decisive_routing  # router weights far from top-k ties
 
 
 def _model(preset: str):

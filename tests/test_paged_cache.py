@@ -26,15 +26,6 @@ from r1lab.rollout.blocks import BlockManager
 STOPS = list(range(0, VOCAB, 16))  # 1/16 of the vocabulary: lengths vary
 
 
-@pytest.fixture(scope="module")
-def dense():
-    return _model("tiny-dense")
-
-
-@pytest.fixture(scope="module")
-def moe():
-    return _model("tiny-moe")
-
 
 def _tokens(completions) -> list[list[int]]:
     return [c.token_ids for c in completions]

@@ -57,15 +57,6 @@ def assert_greedy_is_full_forward_argmax(model, prompts, out, logprob_atol: floa
                                        atol=logprob_atol, rtol=0)
 
 
-@pytest.fixture(scope="module")
-def dense():
-    return _model("tiny-dense")
-
-
-@pytest.fixture(scope="module")
-def moe():
-    return _model("tiny-moe")
-
 
 # ----------------------------------------------------------------------------- greedy parity
 @pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])

@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 from test_paged_cache import check_blocks
-from test_rollout import VOCAB, _full_logprobs, _model, _prompts
+from test_rollout import VOCAB, _full_logprobs, _prompts
 
 from r1lab.rollout import Engine, SamplingParams
 from r1lab.tools import ToolReply
@@ -91,15 +91,6 @@ def check_trajectory(model, prompt: list[int], c, replies: dict, params: Samplin
     torch.testing.assert_close(torch.tensor(c.logprobs)[sampled], full[sampled], atol=1e-4, rtol=0)
     return sum(1 for m, prev in zip(mask, [False] + mask) if m and not prev)
 
-
-@pytest.fixture(scope="module")
-def dense():
-    return _model("tiny-dense")
-
-
-@pytest.fixture(scope="module")
-def moe():
-    return _model("tiny-moe")
 
 
 ENGINES = {  # name → Engine options
