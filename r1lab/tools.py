@@ -26,6 +26,7 @@ nothing.
 from __future__ import annotations
 
 import re
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -100,7 +101,8 @@ class PythonTool:
             return None
         code = text[start + len(self.call_open):end]
         fenced = _FENCE.match(code)
-        return (fenced.group(1) if fenced else code).strip()
+        # models often indent the block as a whole (Qwen2.5 does); Python would refuse the first line
+        return textwrap.dedent((fenced.group(1) if fenced else code).strip("\n")).strip()
 
     def reply_text(self, result: ToolResult) -> str:
         """The reply appended after a call: output_open, the result, output_close, each on its own line."""

@@ -34,6 +34,8 @@ def test_pending_code_finds_the_call_just_closed():
     assert tool.pending_code(answered) is None  # its reply is already there
     second = answered + " and now " + call("print(5)").split("Let me check. ")[1]
     assert tool.pending_code(second) == "print(5)"
+    indented = call("    # compute\n    x = 701 / 701 + -8\n    if x < 0:\n        print(x)")
+    assert tool.pending_code(indented) == "# compute\nx = 701 / 701 + -8\nif x < 0:\n    print(x)"
     assert tool.pending_code("no call here </python>") is None  # a close without an open
     assert tool.pending_code("<python> print(1)") is None  # not closed yet
     other = PythonTool(call_open="<tool_call>", call_close="</tool_call>")
