@@ -22,6 +22,10 @@ from r1lab.train import checkpoint as C
 NAMES = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron".split()
 WORDS = "red blue green cat dog sun moon tree fish bird".split()
 TOL = 1e-5
+PARAM_TOL = 3e-5
+"""Weights after three optimizer steps: each rank runs its half of the rows, and SDPA's CPU flash kernel (MLA
+pads v to the q/k head dim to use it) blocks a batch of another size differently, so the sharded and the
+single-process sums round differently; AdamW's normalized steps carry that into the weights (seen: 1.1e-5)."""
 
 
 def _quiet(_: str) -> None:
@@ -159,7 +163,7 @@ def _assert_close_params(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
     for name, w in want.items():
         diff = (got[name].float() - w.float()).abs().max().item()
-        assert diff < TOL, (name, diff)
+        assert diff < PARAM_TOL, (name, diff)
 
 
 def test_sft_plan_is_uneven_across_ranks(runs):
