@@ -154,19 +154,12 @@ class ToolHook:
     reply's token ids for the call the sample has just closed, or None when the text holds no call."""
 
     def __init__(self, tool: PythonTool, tokenizer: Any) -> None:
-        if tool.allow_unsafe is not True:
-            from r1lab.sandbox import check_sandbox, SandboxUnavailable
+        from r1lab.sandbox import SandboxUnavailable, isolated
 
-            try:
-                check_sandbox()
-            except SandboxUnavailable as exc:
-                if tool.allow_unsafe is None:
-                    from r1lab.sandbox import _unsafe_allowed
-
-                    if not _unsafe_allowed(None):
-                        raise
-                else:
-                    raise SandboxUnavailable(f"the python tool needs the bubblewrap sandbox: {exc}") from exc
+        try:  # refuse now, not at the first call in the middle of a rollout
+            isolated(tool.allow_unsafe)
+        except SandboxUnavailable as exc:
+            raise SandboxUnavailable(f"the python tool needs the bubblewrap sandbox: {exc}") from exc
         self.tool, self.tokenizer = tool, tokenizer
         self.close_text = tool.call_close
 

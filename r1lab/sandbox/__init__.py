@@ -81,6 +81,7 @@ __all__ = [
     "SandboxResult",
     "SandboxUnavailable",
     "check_sandbox",
+    "isolated",
     "run_many",
     "run_python",
     "sandbox_available",
@@ -306,6 +307,22 @@ def _unsafe_allowed(allow_unsafe: bool | None) -> bool:
     return os.environ.get(ENV_ALLOW_UNSANDBOXED, "").strip().lower() in {"1", "true", "yes"}
 
 
+def isolated(allow_unsafe: bool | None = None) -> bool:
+    """Whether model-written code would run isolated: True when bwrap works here, False when it does not but
+    running without it is allowed (allow_unsafe, or None: the R1LAB_ALLOW_UNSANDBOXED variable).
+
+    Raises:
+        SandboxUnavailable: no isolation here and running without it was not allowed.
+    """
+    try:
+        check_sandbox()
+    except SandboxUnavailable:
+        if not _unsafe_allowed(allow_unsafe):
+            raise
+        return False
+    return True
+
+
 _warned_unsafe = False
 
 
@@ -347,11 +364,7 @@ def run_python(
         SandboxUnavailable: no isolation here and running without it was not allowed.
     """
     global _warned_unsafe
-    try:
-        check_sandbox()
-    except SandboxUnavailable:
-        if not _unsafe_allowed(allow_unsafe):
-            raise
+    if not isolated(allow_unsafe):
         if not _warned_unsafe:
             _warned_unsafe = True
             warnings.warn("r1lab.sandbox: running model-written code WITHOUT isolation "
