@@ -725,15 +725,20 @@ class Engine:
                         and s not in self.paused), key=lambda s: s.admitted_at)
         rows, logical, physical = [], [], []
         for seq in needy:  # oldest first: a victim is always newer than every sequence already served
-            while seq.slot >= 0 and not self.blocks.num_free:
-                self._preempt(max((s for s in self.slots if s is not None), key=lambda s: s.admitted_at))
-            if seq.slot >= 0:
+            if self._make_room(seq, 1):
                 seq.blocks += self.blocks.allocate(1)
                 rows.append(seq.slot)
                 logical.append(len(seq.blocks) - 1)
                 physical.append(seq.blocks[-1])
         if rows:
             self.cache.set_entries(rows, logical, physical)
+
+    def _make_room(self, seq: _Sequence, need: int) -> bool:
+        """Paged: preempt the most recently admitted sequences until `need` blocks are free; False when `seq`
+        itself was preempted on the way (it was the newest)."""
+        while seq.slot >= 0 and self.blocks.num_free < need:
+            self._preempt(max((s for s in self.slots if s is not None), key=lambda s: s.admitted_at))
+        return seq.slot >= 0
 
     def _preempt(self, seq: _Sequence) -> None:
         """Free a running sequence's blocks and row; it waits at the front of the queue, its tokens kept, and
@@ -834,9 +839,7 @@ class Engine:
             if seq.slot < 0:  # preempted for an older resumed one
                 continue
             need = self._blocks_for(len(seq.context())) - len(seq.blocks)
-            while seq.slot >= 0 and self.blocks.num_free < need:
-                self._preempt(max((s for s in self.slots if s is not None), key=lambda s: s.admitted_at))
-            if seq.slot >= 0 and need > 0:
+            if self._make_room(seq, need) and need > 0:
                 seq.blocks += self.blocks.allocate(need)
                 rows.append(seq.slot)
                 tables.append(seq.blocks)
